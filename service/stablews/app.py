@@ -1,0 +1,186 @@
+"""The server object (manager + broker + feeds), its drain, and the Starlette app factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute, WebSocketRoute
+
+from . import __version__
+from .broker import Broker, MemoryBroker, PublishResult
+from .config import Settings
+from .connection import State
+from .demo import run_demo_feed
+from .endpoint import WebSocketEndpoint
+from .protocol import CloseCause
+from .stability import StabilityManager
+
+log = logging.getLogger("stablews.app")
+
+# Reconnects after a drain are spread so that about this many clients come
+# back per second (within [reconnect_delay, max_reconnect_delay]).
+RECONNECTS_PER_SECOND = 1000
+
+
+class StableServer:
+    """Everything one instance runs: the stability manager, the broker, the feeds.
+
+    Use `create_app(server)` for the ASGI app; `await server.shutdown()` drains.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        broker: Broker | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings or Settings()
+        s = self.settings
+        self.manager = StabilityManager(s, clock=clock, wall=wall)
+        self.broker = broker or MemoryBroker(s.history_size, s.history_ttl, s.max_recovery_messages, clock, wall)
+        self.manager.housekeeping.append(self.broker.sweep)
+        self.endpoint = WebSocketEndpoint(self)
+        self.draining = False
+        self.started = False
+        self.refused_origins = 0
+        self.version = __version__
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._drained: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        self.manager.start()
+        await self.broker.start()
+        if self.settings.demo_feed:
+            self._tasks.append(asyncio.create_task(run_demo_feed(self.broker, self.settings.demo_feed_rate)))
+        log.info("stablews started", extra={"instance": self.settings.instance_id, "version": self.version})
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining and self.broker.ready
+
+    async def drain(self, timeout: float | None = None) -> dict[str, Any]:
+        """Stop taking connections, advise every client to reconnect (jittered),
+        flush what is queued and close with 1001, all within `timeout`
+        (default `shutdown_timeout`). Idempotent: a second call waits for nothing."""
+        if self._drained is not None:
+            return self._drained
+        self.draining = True
+        settings = self.settings
+        timeout = settings.shutdown_timeout if timeout is None else timeout
+        manager = self.manager
+        started = time.monotonic()
+        deadline = manager.clock() + timeout
+        connections = [c for c in manager.live.values() if c.state is State.OPEN and not c.passive]
+        spread = min(
+            settings.max_reconnect_delay, max(settings.reconnect_delay, len(connections) / RECONNECTS_PER_SECOND)
+        )
+        queued = sum(len(c.queue) for c in connections)
+        rng = random.Random()
+        for conn in connections:
+            conn.close(CloseCause.SHUTDOWN, after_ms=int(rng.uniform(0, spread) * 1000), deadline=deadline)
+        remaining = [c for c in manager.live.values() if not c.passive]
+        if remaining:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_empty(), timeout + 0.5)
+        elapsed = time.monotonic() - started
+        left = sum(1 for c in manager.live.values() if not c.passive)
+        self._drained = {
+            "connections_closed": len(connections) - left,
+            "connections_abandoned": left,
+            "messages_flushed": queued,
+            "drain_seconds": round(elapsed, 3),
+        }
+        manager.hooks.on_shutdown(len(connections), elapsed)
+        log.info("drain finished", extra=self._drained)
+        return self._drained
+
+    async def _wait_empty(self) -> None:
+        manager = self.manager
+        manager.closed_signal = signal = asyncio.Event()
+        try:
+            while any(not c.passive for c in manager.live.values()):
+                signal.clear()
+                await signal.wait()
+        finally:
+            manager.closed_signal = None
+
+    async def shutdown(self) -> dict[str, Any]:
+        """Drain, stop the feeds and the broker. Safe to call more than once."""
+        summary = await self.drain()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.started:
+            await self.broker.stop()
+            self.manager.stop()
+            self.started = False
+        return summary
+
+    # ------------------------------------------------------------ programmatic API
+
+    async def publish(self, channel: str, data: Any) -> PublishResult:
+        return await self.broker.publish(channel, data)
+
+    def stability_report(self) -> dict[str, Any]:
+        return self.manager.stability_report()
+
+    def recovery_stats(self) -> dict[str, Any]:
+        return self.manager.recovery_stats()
+
+    def stats(self) -> dict[str, Any]:
+        report = self.manager.stability_report()
+        report.update(
+            {
+                "instance": self.settings.instance_id,
+                "version": self.version,
+                "ready": self.ready,
+                "draining": self.draining,
+                "recovery": self.recovery_stats(),
+                "broker": self.broker.stats(),
+                "circuit_breakers": {},
+                "upstreams": {},
+                "refused": {"origin": self.refused_origins},
+            }
+        )
+        return report
+
+    def routes(self) -> list[BaseRoute]:
+        from .api import api_routes
+
+        return [WebSocketRoute(self.settings.ws_path, self.endpoint), *api_routes(self)]
+
+
+def create_app(server: StableServer | Settings | None = None) -> Starlette:
+    """The ASGI app: the socket, the HTTP API, and a lifespan that starts and drains the server."""
+    if not isinstance(server, StableServer):
+        server = StableServer(server)
+    stable = server
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await stable.start()
+        try:
+            yield
+        finally:
+            await stable.shutdown()
+
+    app = Starlette(routes=stable.routes(), lifespan=lifespan)
+    app.state.stable = stable
+    return app

@@ -1,0 +1,676 @@
+"""One live connection: receive loop and dispatch, the bounded send queue and
+its writer, heartbeat and deadline checks, and the connection's figures.
+
+Outbound: everything the server sends goes through one FIFO queue drained by
+one writer task, which exists only while there is something to write and
+joins a backlog into one frame (messages separated by `\\n`). Live
+publications are refused once `send_queue_max` frames wait: the connection
+is then closed 4003 after a `reconnect` advice, and nothing upstream waits.
+
+Closing: `close()` only marks the connection and hands the close to the
+writer; the scheduler abandons a close still stuck after its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+from . import health, protocol
+from .broker import Broker, BrokerUnavailable, SubscribeResult
+from .protocol import CloseCause, ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from .stability import StabilityManager
+
+log = logging.getLogger("stablews.connection")
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+TIMELINE_MAX = 64
+BAD_MESSAGE_WINDOW = 60.0
+
+
+class State(IntEnum):
+    OPEN = 0
+    CLOSING = 1
+    CLOSED = 2
+
+
+def cause_of_peer_close(code: int) -> CloseCause:
+    """Cause of a close the server did not start, from the code it saw."""
+    if code in (1005, 1006):  # no close frame (abrupt drop) or none with a code
+        return CloseCause.CLIENT_GONE
+    if code == 1009:
+        return CloseCause.TOO_LARGE
+    if code in (1002, 1003, 1007, 1011):
+        return CloseCause.ERROR
+    return CloseCause.NORMAL
+
+
+class Connection:
+    __slots__ = (
+        "__weakref__",
+        "abandoned",
+        "bad_count",
+        "bad_window_start",
+        "broker",
+        "bytes_in",
+        "bytes_out",
+        "channels",
+        "client_address",
+        "client_name",
+        "client_port",
+        "close_cause",
+        "close_code",
+        "close_deadline",
+        "close_initiator",
+        "closed_mono",
+        "closed_wall",
+        "err_ratio",
+        "errors",
+        "frames_out",
+        "hb_late",
+        "hb_missed",
+        "hb_ok",
+        "hb_sent",
+        "hb_success",
+        "health_score",
+        "health_state",
+        "hello_deadline",
+        "hello_done",
+        "id",
+        "last_app_activity",
+        "last_inbound",
+        "late_pong_possible",
+        "manager",
+        "messages_in",
+        "messages_out",
+        "missed_in_a_row",
+        "next_ping_at",
+        "opened_mono",
+        "opened_wall",
+        "passive",
+        "ping_in_flight",
+        "ping_sent_at",
+        "ping_seq",
+        "pong_deadline",
+        "queue",
+        "rtt_ewma",
+        "rtt_last",
+        "sched_due",
+        "send",
+        "state",
+        "subprotocol",
+        "task",
+        "timeline",
+        "trace_id",
+        "user_agent",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        manager: StabilityManager,
+        broker: Broker | None,
+        send: Send,
+        conn_id: str,
+        *,
+        client: tuple[str, int] | None = None,
+        user_agent: str | None = None,
+        trace_id: str | None = None,
+        subprotocol: str | None = None,
+        passive: bool = False,
+    ) -> None:
+        settings = manager.settings
+        now = manager.clock()
+        self.id = conn_id
+        self.manager = manager
+        self.broker = broker
+        self.send = send
+        self.passive = passive
+        self.state = State.OPEN
+        self.queue: deque[str | tuple[str, int]] = deque()
+        self.writer: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.abandoned = False
+        self.sched_due = float("inf")
+        self.client_address, self.client_port = client if client else (None, None)
+        self.user_agent = user_agent
+        self.client_name: str | None = None
+        self.trace_id = trace_id
+        self.subprotocol = subprotocol
+        self.opened_mono = now
+        self.opened_wall = manager.wall()
+        self.closed_mono: float | None = None
+        self.closed_wall: float | None = None
+        self.close_cause: CloseCause | None = None
+        self.close_code: int | None = None
+        self.close_initiator: str | None = None
+        self.close_deadline = float("inf")
+        self.hello_done = passive
+        self.hello_deadline = now + settings.hello_timeout
+        self.channels: set[str] = set()
+        # heartbeat figures
+        self.ping_seq = 0
+        self.ping_in_flight = False
+        self.late_pong_possible = False
+        self.ping_sent_at = 0.0
+        self.pong_deadline = float("inf")
+        self.next_ping_at = float("inf")
+        self.missed_in_a_row = 0
+        self.hb_sent = self.hb_ok = self.hb_missed = self.hb_late = 0
+        self.hb_success = 1.0
+        self.rtt_last: float | None = None
+        self.rtt_ewma: float | None = None
+        # traffic figures
+        self.last_inbound = now
+        self.last_app_activity = now
+        self.messages_in = self.messages_out = 0
+        self.bytes_in = self.bytes_out = self.frames_out = 0
+        self.errors = 0
+        self.err_ratio = 0.0
+        self.bad_count = 0
+        self.bad_window_start = now
+        self.health_score = 100.0
+        self.health_state = health.HEALTHY
+        self.timeline: list[tuple[float, str, str]] = []
+        self.note("open", f"{self.client_address}:{self.client_port}" if client else "")
+
+    # ------------------------------------------------------------ figures
+
+    def note(self, event: str, detail: str = "") -> None:
+        """Add to the lifecycle timeline (bounded: the first entries and the latest)."""
+        timeline = self.timeline
+        if len(timeline) >= TIMELINE_MAX:
+            del timeline[8]  # keep how it started; drop the oldest of the rest
+        timeline.append((self.manager.wall(), event, detail))
+
+    def compute_health(self, now: float) -> tuple[float, str]:
+        settings = self.manager.settings
+        value = health.score(
+            self.hb_success,
+            self.rtt_ewma,
+            settings.heartbeat_timeout,
+            self.err_ratio,
+            len(self.queue),
+            settings.send_queue_max,
+            self.missed_in_a_row,
+        )
+        state = health.classify(
+            value, now - self.last_app_activity, settings.unhealthy_score, settings.stale_connection_threshold
+        )
+        return value, state
+
+    # ------------------------------------------------------------ outbound
+
+    def deliver(self, frame: str) -> None:
+        """A live publication (the broker's fan-out). Never blocks."""
+        if self.state is not State.OPEN:
+            return
+        queue = self.queue
+        if len(queue) >= self.manager.settings.send_queue_max:
+            self.close(CloseCause.SLOW_CONSUMER)
+            return
+        queue.append(frame)
+        if self.writer is None:
+            self.writer = asyncio.get_running_loop().create_task(self._write())
+
+    def push(self, entry: str | tuple[str, int]) -> None:
+        """A control message or a replay chunk: not subject to the queue limit."""
+        if self.state is not State.OPEN:
+            return
+        self.queue.append(entry)
+        if self.writer is None:
+            self.writer = asyncio.get_running_loop().create_task(self._write())
+
+    def _take_frame(self) -> tuple[str, int]:
+        """Pop the next frame: as many queued entries as fit in max_frame_bytes."""
+        queue = self.queue
+        entry = queue.popleft()
+        text, count = (entry, 1) if entry.__class__ is str else entry  # type: ignore[misc]
+        limit = self.manager.settings.max_frame_bytes
+        if not queue or len(text) >= limit:
+            return text, count
+        parts = [text]
+        size = len(text)
+        while queue:
+            entry = queue[0]
+            nxt, n = (entry, 1) if entry.__class__ is str else entry  # type: ignore[misc]
+            size += len(nxt) + 1
+            if size > limit:
+                break
+            queue.popleft()
+            parts.append(nxt)
+            count += n
+        return "\n".join(parts), count
+
+    async def _write(self) -> None:
+        manager = self.manager
+        send = self.send
+        try:
+            while self.queue:
+                frame, count = self._take_frame()
+                await send({"type": "websocket.send", "text": frame})
+                size = len(frame)
+                self.messages_out += count
+                self.bytes_out += size
+                self.frames_out += 1
+                manager.messages_out += count
+                manager.bytes_out += size
+                manager.frames_out += 1
+            if self.state is State.CLOSING:
+                await send({"type": "websocket.close", "code": self.close_code, "reason": str(self.close_cause)})
+        except Exception as exc:  # the peer is gone; the receive loop sees the disconnect
+            log.debug("send failed on %s: %r", self.id, exc)
+            self.queue.clear()
+        finally:
+            self.writer = None
+
+    def close(self, cause: CloseCause, *, after_ms: int | None = None, deadline: float | None = None) -> None:
+        """Start a server-initiated close. Frames already queued are flushed
+        first (for a shutdown) or dropped (the peer cannot take them)."""
+        if self.state is not State.OPEN:
+            return
+        manager = self.manager
+        settings = manager.settings
+        self.close_cause = cause
+        self.close_code = int(protocol.CLOSE_CODE_FOR_CAUSE[cause])
+        self.close_initiator = "server"
+        if cause is not CloseCause.SHUTDOWN:
+            self.queue.clear()
+        if cause in (CloseCause.SLOW_CONSUMER, CloseCause.OVERLOADED, CloseCause.SHUTDOWN):
+            if after_ms is None:
+                after_ms = random.randint(0, int(settings.reconnect_delay * 1000))
+            self.queue.append(protocol.reconnect(str(cause), after_ms))
+        self.state = State.CLOSING
+        self.note("closing", f"{cause} ({self.close_code})")
+        now = manager.clock()
+        self.close_deadline = deadline if deadline is not None else now + settings.close_timeout
+        manager.scheduler.schedule(self, self.close_deadline)
+        if self.writer is None and not self.passive:
+            self.writer = asyncio.get_running_loop().create_task(self._write())
+
+    def abandon(self) -> None:
+        """Give up on a close the peer never let through (it stopped reading)."""
+        if self.state is State.CLOSED:
+            return
+        self.abandoned = True
+        self.note("abandoned", "close did not complete in time")
+        if self.writer is not None:
+            self.writer.cancel()
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    # ------------------------------------------------------------ deadlines
+
+    def check(self, now: float) -> float | None:
+        """Scheduler callback: do what is due, return the next deadline."""
+        state = self.state
+        if state is State.CLOSED:
+            return None
+        if state is State.CLOSING:
+            if now >= self.close_deadline:
+                self.abandon()
+                return None
+            return self.close_deadline
+        if self.passive:
+            return None
+        if not self.hello_done:
+            if now >= self.hello_deadline:
+                self.close(CloseCause.HELLO_TIMEOUT)
+                return self.close_deadline
+            return self.hello_deadline
+        settings = self.manager.settings
+        if self.ping_in_flight and now >= self.pong_deadline:
+            self.ping_in_flight = False
+            self.late_pong_possible = True
+            self._heartbeat_failed("missed", None)
+            if self.state is not State.OPEN:
+                return self.close_deadline
+        idle_due = self.last_inbound + settings.connection_timeout
+        if now >= idle_due:
+            self.close(CloseCause.IDLE_TIMEOUT)
+            return self.close_deadline
+        if now >= self.next_ping_at:
+            self._send_ping(now)
+        due = self.next_ping_at if self.next_ping_at < idle_due else idle_due
+        if self.ping_in_flight and self.pong_deadline < due:
+            due = self.pong_deadline
+        return due
+
+    def _send_ping(self, now: float) -> None:
+        settings = self.manager.settings
+        self.ping_seq += 1
+        self.ping_in_flight = True
+        self.late_pong_possible = False
+        self.ping_sent_at = now
+        self.pong_deadline = now + settings.heartbeat_timeout
+        self.next_ping_at = now + settings.heartbeat_interval
+        self.hb_sent += 1
+        self.manager.heartbeat_sent()
+        self.push(protocol.ping(self.ping_seq, int(self.manager.wall() * 1000)))
+
+    def _heartbeat_failed(self, outcome: str, rtt: float | None) -> None:
+        self.missed_in_a_row += 1
+        self.hb_success = health.ewma(self.hb_success, 0.0)
+        if outcome == "late":
+            self.hb_late += 1
+        self.hb_missed += 1
+        self.manager.heartbeat_missed(self, outcome, rtt)
+        self.note(f"heartbeat_{outcome}", f"{self.missed_in_a_row} in a row")
+        if self.missed_in_a_row >= self.manager.settings.max_missed_heartbeats:
+            self.close(CloseCause.HEARTBEAT_TIMEOUT)
+
+    def _on_pong(self, ident: str | int, now: float) -> None:
+        if ident != self.ping_seq:
+            return  # not the latest ping: ignore
+        rtt = now - self.ping_sent_at
+        if self.ping_in_flight:
+            self.ping_in_flight = False
+            if now <= self.pong_deadline:
+                self.missed_in_a_row = 0
+                self.hb_ok += 1
+                self.hb_success = health.ewma(self.hb_success, 1.0)
+                self._record_rtt(rtt)
+                self.manager.heartbeat_ok(self, rtt)
+            else:  # arrived after the deadline, before the scheduler noticed
+                self._record_rtt(rtt)
+                self._heartbeat_failed("late", rtt)
+        elif self.late_pong_possible:  # the miss is already counted; keep the figure
+            self.late_pong_possible = False
+            self._record_rtt(rtt)
+            self.manager.hooks.on_heartbeat(self, "late", rtt)
+
+    def _record_rtt(self, rtt: float) -> None:
+        self.rtt_last = rtt
+        self.rtt_ewma = rtt if self.rtt_ewma is None else health.ewma(self.rtt_ewma, rtt)
+        self.manager.record_rtt(rtt)
+
+    # ------------------------------------------------------------ inbound
+
+    async def run(self, receive: Receive) -> None:
+        """The receive loop; returns when the connection is gone."""
+        self.task = asyncio.current_task()
+        code = 1006
+        try:
+            while True:
+                event = await receive()
+                kind = event["type"]
+                if kind == "websocket.receive":
+                    text = event.get("text")
+                    if self.state is not State.OPEN:
+                        self.last_inbound = self.manager.clock()
+                    elif text is not None:
+                        await self.on_text(text)
+                    else:
+                        self.count_inbound(len(event.get("bytes") or b""))
+                        self.reject(ProtocolError(ErrorCode.BAD_MESSAGE, "binary frames are not supported"))
+                elif kind == "websocket.disconnect":
+                    code = event.get("code", 1005)
+                    break
+        except asyncio.CancelledError:
+            if not self.abandoned:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        finally:
+            self.finish(code)
+
+    def count_inbound(self, size: int) -> float:
+        now = self.manager.clock()
+        self.last_inbound = now
+        self.messages_in += 1
+        self.bytes_in += size
+        manager = self.manager
+        manager.messages_in += 1
+        manager.bytes_in += size
+        return now
+
+    async def on_text(self, text: str) -> None:
+        now = self.count_inbound(len(text))
+        try:
+            message = protocol.parse(text, self.manager.limits)
+        except ProtocolError as exc:
+            self.reject(exc)
+            return
+        kind = message.__class__
+        if kind is protocol.Pong:
+            self._on_pong(message.id, now)  # type: ignore[union-attr]
+            return
+        self.err_ratio = health.ewma(self.err_ratio, 0.0)
+        if kind is protocol.Ping:
+            self.push(protocol.pong(message.id))  # type: ignore[union-attr]
+            return
+        self.last_app_activity = now
+        if kind is protocol.Hello:
+            await self._on_hello(message)  # type: ignore[arg-type]
+        elif not self.hello_done:
+            self.reject(ProtocolError(ErrorCode.BAD_MESSAGE, "send hello first", _type_name(kind)))
+        elif kind is protocol.Subscribe:
+            await self._subscribe(message.channel, message.since)  # type: ignore[union-attr]
+        elif kind is protocol.Unsubscribe:
+            self._unsubscribe(message.channel)  # type: ignore[union-attr]
+        elif kind is protocol.Publish:
+            await self._publish(message)  # type: ignore[arg-type]
+
+    def reject(self, exc: ProtocolError) -> None:
+        """Answer bad input with `error`; close 1009 or 1008 when it must end."""
+        self.errors += 1
+        self.err_ratio = health.ewma(self.err_ratio, 1.0)
+        self.manager.count_error(self, str(exc.code))
+        self.push(protocol.error(exc.code, exc.message, exc.ref))
+        self.note("error", f"{exc.code}: {exc.message[:80]}")
+        if exc.code is ErrorCode.TOO_LARGE:
+            self.close(CloseCause.TOO_LARGE)
+            return
+        now = self.manager.clock()
+        if now - self.bad_window_start > BAD_MESSAGE_WINDOW:
+            self.bad_window_start = now
+            self.bad_count = 0
+        self.bad_count += 1
+        if self.bad_count >= self.manager.settings.max_bad_messages:
+            self.close(CloseCause.POLICY_VIOLATION)
+
+    async def _on_hello(self, hello: protocol.Hello) -> None:
+        if self.hello_done:
+            self.reject(ProtocolError(ErrorCode.BAD_MESSAGE, "hello already received", "hello"))
+            return
+        manager = self.manager
+        settings = manager.settings
+        now = manager.clock()
+        self.hello_done = True
+        self.client_name = hello.client
+        self.next_ping_at = now + settings.heartbeat_interval
+        manager.scheduler.schedule(self, self.next_ping_at)
+        self.push(
+            protocol.welcome(
+                self.id,
+                settings.instance_id,
+                self.trace_id,
+                int(settings.heartbeat_interval * 1000),
+                int(settings.heartbeat_timeout * 1000),
+                manager.welcome_limits,
+            )
+        )
+        self.note("hello", hello.client or "")
+        manager.hooks.on_hello(self)
+        if hello.resume:
+            recovered = replayed = 0
+            for channel, position in hello.resume.items():
+                result = await self._subscribe(channel, position)
+                if result is not None and result.recovered:
+                    recovered += 1
+                    replayed += len(result.replay)
+            asked = len(hello.resume)
+            manager.hooks.on_resume(self, asked, recovered, replayed)
+            if recovered == asked:
+                manager.emit(
+                    "connection_recovered",
+                    {"connection": self.id, "channels": asked, "replayed": replayed,
+                     "previous_trace_id": hello.previous_trace_id},
+                )
+
+    async def _subscribe(self, channel: str, since: protocol.Position | None) -> SubscribeResult | None:
+        settings = self.manager.settings
+        if channel in self.channels:
+            self.reject(ProtocolError(ErrorCode.BAD_MESSAGE, f"already subscribed to {channel}", "subscribe"))
+            return None
+        if len(self.channels) >= settings.max_channels_per_connection:
+            self.reject(
+                ProtocolError(
+                    ErrorCode.BAD_MESSAGE,
+                    f"channel limit reached ({settings.max_channels_per_connection})",
+                    "subscribe",
+                )
+            )
+            return None
+        assert self.broker is not None
+        self.channels.add(channel)
+        result = await self.broker.subscribe(channel, self, since)
+        if self.state is not State.OPEN:
+            return result
+        self.push(protocol.subscribed(channel, result.epoch, result.offset, result.recovered, len(result.replay)))
+        for chunk in _chunks(result.replay, settings.max_frame_bytes):
+            self.push(chunk)
+        self.manager.count_subscribe(self, channel, since, result)
+        self.note("subscribe", f"{channel} recovered={result.recovered} replayed={len(result.replay)}")
+        return result
+
+    def _unsubscribe(self, channel: str) -> None:
+        if channel not in self.channels:
+            self.reject(ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}", "unsubscribe"))
+            return
+        self.channels.discard(channel)
+        assert self.broker is not None
+        self.broker.unsubscribe(channel, self)
+        self.push(protocol.unsubscribed(channel, "client"))
+        self.note("unsubscribe", channel)
+
+    async def _publish(self, message: protocol.Publish) -> None:
+        ref = message.id if message.id is not None else "publish"
+        if not self.manager.settings.client_publish:
+            self.reject(ProtocolError(ErrorCode.FORBIDDEN, "clients may not publish (client_publish is off)", ref))
+            return
+        assert self.broker is not None
+        try:
+            result = await self.broker.publish(message.channel, message.data)
+        except ValueError:
+            self.reject(ProtocolError(ErrorCode.BAD_MESSAGE, "'data' must be plain JSON (no NaN or Infinity)", ref))
+            return
+        except BrokerUnavailable as exc:
+            self.manager.count_error(self, str(ErrorCode.INTERNAL))
+            self.push(protocol.error(ErrorCode.INTERNAL, f"publish failed: {exc}", ref))
+            return
+        self.push(protocol.published(message.id, result.channel, result.offset))
+
+    # ------------------------------------------------------------ the end
+
+    def finish(self, peer_code: int) -> None:
+        """Final bookkeeping once the socket is gone (idempotent)."""
+        if self.state is State.CLOSED:
+            return
+        if self.close_cause is None:
+            self.close_cause = cause_of_peer_close(peer_code)
+            self.close_code = peer_code
+            self.close_initiator = "client"
+        self.state = State.CLOSED
+        manager = self.manager
+        self.closed_mono = manager.clock()
+        self.closed_wall = manager.wall()
+        if self.writer is not None:
+            self.writer.cancel()
+            self.writer = None
+        self.queue.clear()
+        if self.broker is not None:
+            for channel in self.channels:
+                self.broker.unsubscribe(channel, self)
+        self.note("closed", f"{self.close_cause} ({self.close_code}) by {self.close_initiator}")
+        manager.connection_closed(self)
+
+    # ------------------------------------------------------------ views
+
+    def summary(self, now: float) -> dict[str, Any]:
+        if self.state is State.CLOSED:
+            score, state = self.health_score, self.health_state
+        else:
+            score, state = self.compute_health(now)
+        end = self.closed_mono if self.closed_mono is not None else now
+        view: dict[str, Any] = {
+            "id": self.id,
+            "mode": "passive" if self.passive else "protocol",
+            "state": self.state.name.lower(),
+            "client": {
+                "address": self.client_address,
+                "port": self.client_port,
+                "user_agent": self.user_agent,
+                "name": self.client_name,
+            },
+            "opened_at": self.opened_wall,
+            "duration_seconds": round(end - self.opened_mono, 3),
+            "health": {"score": score, "state": state},
+            "heartbeat": {
+                "sent": self.hb_sent,
+                "ok": self.hb_ok,
+                "missed": self.hb_missed,
+                "late": self.hb_late,
+                "missed_in_a_row": self.missed_in_a_row,
+                "rtt_ms_last": _ms(self.rtt_last),
+                "rtt_ms_avg": _ms(self.rtt_ewma),
+            },
+            "messages": {
+                "received": self.messages_in,
+                "sent": self.messages_out,
+                "bytes_received": self.bytes_in,
+                "bytes_sent": self.bytes_out,
+                "frames_sent": self.frames_out,
+                "queued": len(self.queue),
+            },
+            "errors": self.errors,
+            "channels": sorted(self.channels),
+            "trace_id": self.trace_id,
+            "seconds_since_inbound": round(end - self.last_inbound, 3),
+            "seconds_since_app_traffic": round(end - self.last_app_activity, 3),
+        }
+        if self.close_cause is not None:
+            view["close"] = {
+                "code": self.close_code,
+                "cause": str(self.close_cause),
+                "initiator": self.close_initiator,
+                "at": self.closed_wall,
+            }
+        return view
+
+    def detail(self, now: float) -> dict[str, Any]:
+        view = self.summary(now)
+        view["timeline"] = [{"at": at, "event": event, "detail": detail} for at, event, detail in self.timeline]
+        return view
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _type_name(kind: type) -> str:
+    return kind.__name__.lower()
+
+
+def _chunks(frames: list[str], limit: int) -> list[tuple[str, int]]:
+    """Join replayed frames into as few queue entries as fit in `limit` each."""
+    chunks: list[tuple[str, int]] = []
+    parts: list[str] = []
+    size = 0
+    for frame in frames:
+        if parts and size + len(frame) + 1 > limit:
+            chunks.append(("\n".join(parts), len(parts)))
+            parts, size = [], 0
+        parts.append(frame)
+        size += len(frame) + 1
+    if parts:
+        chunks.append(("\n".join(parts), len(parts)))
+    return chunks
