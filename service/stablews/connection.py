@@ -34,6 +34,10 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 TIMELINE_MAX = 64
+# Closes of peers that cannot (or will not) read what is queued: drop it.
+_UNREACHABLE = frozenset(
+    {CloseCause.SLOW_CONSUMER, CloseCause.HEARTBEAT_TIMEOUT, CloseCause.IDLE_TIMEOUT, CloseCause.HELLO_TIMEOUT}
+)
 BAD_MESSAGE_WINDOW = 60.0
 
 
@@ -275,7 +279,7 @@ class Connection:
 
     def close(self, cause: CloseCause, *, after_ms: int | None = None, deadline: float | None = None) -> None:
         """Start a server-initiated close. Frames already queued are flushed
-        first (for a shutdown) or dropped (the peer cannot take them)."""
+        first, unless the peer cannot take them (dead, idle, or too slow)."""
         if self.state is not State.OPEN:
             return
         manager = self.manager
@@ -283,7 +287,7 @@ class Connection:
         self.close_cause = cause
         self.close_code = int(protocol.CLOSE_CODE_FOR_CAUSE[cause])
         self.close_initiator = "server"
-        if cause is not CloseCause.SHUTDOWN:
+        if cause in _UNREACHABLE:
             self.queue.clear()
         if cause in (CloseCause.SLOW_CONSUMER, CloseCause.OVERLOADED, CloseCause.SHUTDOWN):
             if after_ms is None:
@@ -459,11 +463,14 @@ class Connection:
         elif kind is protocol.Publish:
             await self._publish(message)  # type: ignore[arg-type]
 
-    def reject(self, exc: ProtocolError) -> None:
-        """Answer bad input with `error`; close 1009 or 1008 when it must end."""
+    def record_error(self, code: ErrorCode) -> None:
         self.errors += 1
         self.err_ratio = health.ewma(self.err_ratio, 1.0)
-        self.manager.count_error(self, str(exc.code))
+        self.manager.count_error(self, str(code))
+
+    def reject(self, exc: ProtocolError) -> None:
+        """Answer bad input with `error`; close 1009 or 1008 when it must end."""
+        self.record_error(exc.code)
         self.push(protocol.error(exc.code, exc.message, exc.ref))
         self.note("error", f"{exc.code}: {exc.message[:80]}")
         if exc.code is ErrorCode.TOO_LARGE:
@@ -564,7 +571,7 @@ class Connection:
             self.reject(ProtocolError(ErrorCode.BAD_MESSAGE, "'data' must be plain JSON (no NaN or Infinity)", ref))
             return
         except BrokerUnavailable as exc:
-            self.manager.count_error(self, str(ErrorCode.INTERNAL))
+            self.record_error(ErrorCode.INTERNAL)
             self.push(protocol.error(ErrorCode.INTERNAL, f"publish failed: {exc}", ref))
             return
         self.push(protocol.published(message.id, result.channel, result.offset))
