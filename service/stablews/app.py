@@ -161,6 +161,15 @@ class StableServer:
         )
         return report
 
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """Starlette lifespan: start, and drain at the end (`Starlette(lifespan=server.lifespan)`)."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.shutdown()
+
     def routes(self) -> list[BaseRoute]:
         from .api import api_routes
 
@@ -171,16 +180,6 @@ def create_app(server: StableServer | Settings | None = None) -> Starlette:
     """The ASGI app: the socket, the HTTP API, and a lifespan that starts and drains the server."""
     if not isinstance(server, StableServer):
         server = StableServer(server)
-    stable = server
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await stable.start()
-        try:
-            yield
-        finally:
-            await stable.shutdown()
-
-    app = Starlette(routes=stable.routes(), lifespan=lifespan)
-    app.state.stable = stable
+    app = Starlette(routes=server.routes(), lifespan=server.lifespan)
+    app.state.stable = server
     return app

@@ -262,7 +262,7 @@ class Connection:
             while self.queue:
                 frame, count = self._take_frame()
                 await send({"type": "websocket.send", "text": frame})
-                size = len(frame)
+                size = protocol.text_size(frame)
                 self.messages_out += count
                 self.bytes_out += size
                 self.frames_out += 1
@@ -437,7 +437,7 @@ class Connection:
         return now
 
     async def on_text(self, text: str) -> None:
-        now = self.count_inbound(len(text))
+        now = self.count_inbound(protocol.text_size(text))
         try:
             message = protocol.parse(text, self.manager.limits)
         except ProtocolError as exc:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 EWMA_WEIGHT = 0.3
 HEALTHY, UNHEALTHY, STALE = "healthy", "unhealthy", "stale"
-MISS_CAPS = (100.0, 60.0, 30.0)
+MISS_CAPS = (100.0, 40.0, 20.0)
 
 
 def ewma(previous: float, sample: float, weight: float = EWMA_WEIGHT) -> float:

@@ -11,8 +11,8 @@ are sent and nothing is closed by the manager.
     server = StableServer(settings)
     app = Starlette(routes=[
         WebSocketRoute("/echo", monitored(server)(echo)),   # one endpoint
-        *server.routes(),
-    ])
+        *server.routes(),                                   # the stats API (and /ws)
+    ], lifespan=server.lifespan)
     app = StabilityMiddleware(app, server, paths={"/feed"})  # or at the ASGI level
 """
 
@@ -29,7 +29,7 @@ from starlette.websockets import WebSocket
 
 from .connection import Connection, cause_of_peer_close
 from .endpoint import header
-from .protocol import CLOSE_CODE_FOR_CAUSE, CloseCause, ErrorCode
+from .protocol import CLOSE_CODE_FOR_CAUSE, CloseCause, ErrorCode, text_size
 
 if TYPE_CHECKING:
     from .app import StableServer
@@ -43,6 +43,11 @@ _prefix = "p" + secrets.token_hex(3)
 
 def _cause_of_own_close(code: int) -> CloseCause:
     return _CAUSE_FOR_CODE.get(code, CloseCause.NORMAL if code < 1002 or code >= 3000 else CloseCause.ERROR)
+
+
+def _size(message: MutableMapping[str, Any]) -> int:
+    text = message.get("text")
+    return text_size(text) if text is not None else len(message.get("bytes") or b"")
 
 
 async def _noop_send(message: MutableMapping[str, Any]) -> None:  # passive connections never write
@@ -103,9 +108,7 @@ async def track(app: ASGIApp, server: StableServer, scope: MutableMapping[str, A
         if conn is not None:
             kind = message["type"]
             if kind == "websocket.receive":
-                data = message.get("text")
-                size = len(data) if data is not None else len(message.get("bytes") or b"")
-                conn.count_inbound(size)
+                conn.count_inbound(_size(message))
                 conn.last_app_activity = conn.last_inbound
             elif kind == "websocket.disconnect":
                 peer_code = message.get("code", 1005)
@@ -135,8 +138,7 @@ async def track(app: ASGIApp, server: StableServer, scope: MutableMapping[str, A
         if conn is None:
             return
         if kind == "websocket.send":
-            data = message.get("text")
-            size = len(data) if data is not None else len(message.get("bytes") or b"")
+            size = _size(message)
             now = manager.clock()
             conn.last_app_activity = now
             conn.messages_out += 1
