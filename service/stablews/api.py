@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from .broker import BrokerUnavailable
-from .protocol import valid_channel
+from .protocol import CloseCause, valid_channel
 
 if TYPE_CHECKING:
     from .app import StableServer
@@ -118,6 +118,18 @@ def api_routes(server: StableServer) -> list[BaseRoute]:
             return _error(404, "no such connection (closed records are kept for stale_connection_threshold)")
         return JSONResponse(conn.detail(server.manager.clock()))
 
+    async def disconnect(request: Request) -> JSONResponse:
+        """Close one connection with 1000 (normal: the client should not come back on its own)."""
+        if not server.settings.api_key:
+            return _error(403, "closing connections over HTTP is off: set api_key (STABLEWS_API_KEY) to enable it")
+        if not _key_ok(server, request):
+            return _error(401, "missing or wrong X-API-Key")
+        conn = server.manager.live.get(request.path_params["conn_id"])
+        if conn is None or conn.passive:
+            return _error(404, "no such live connection")
+        conn.close(CloseCause.NORMAL)
+        return JSONResponse({"id": conn.id, "state": conn.state.name.lower(), "code": conn.close_code})
+
     async def publish(request: Request) -> JSONResponse:
         settings = server.settings
         if not settings.api_key:
@@ -151,5 +163,6 @@ def api_routes(server: StableServer) -> list[BaseRoute]:
         Route(f"{API}/websocket/stats", stats),
         Route(f"{API}/websocket/connections", connections),
         Route(f"{API}/websocket/connections/{{conn_id}}", connection),
+        Route(f"{API}/websocket/connections/{{conn_id}}", disconnect, methods=["DELETE"]),
         Route(f"{API}/publish", publish, methods=["POST"]),
     ]

@@ -356,7 +356,10 @@ class Connection:
         self.late_pong_possible = False
         self.ping_sent_at = now
         self.pong_deadline = now + settings.heartbeat_timeout
-        self.next_ping_at = now + settings.heartbeat_interval
+        # Keep the cadence of the schedule (no drift from timer lateness), but
+        # never burst to catch up after a stall.
+        following = self.next_ping_at + settings.heartbeat_interval
+        self.next_ping_at = following if following > now else now + settings.heartbeat_interval
         self.hb_sent += 1
         self.manager.heartbeat_sent()
         self.push(protocol.ping(self.ping_seq, int(self.manager.wall() * 1000)))
@@ -412,7 +415,13 @@ class Connection:
                     if self.state is not State.OPEN:
                         self.last_inbound = self.manager.clock()
                     elif text is not None:
-                        await self.on_text(text)
+                        try:
+                            await self.on_text(text)
+                        except Exception:  # a bug must end this connection only, and say so
+                            log.exception("internal error on %s", self.id, extra={"connection": self.id})
+                            self.record_error(ErrorCode.INTERNAL)
+                            self.push(protocol.error(ErrorCode.INTERNAL, "internal error"))
+                            self.close(CloseCause.ERROR)
                     else:
                         self.count_inbound(len(event.get("bytes") or b""))
                         self.reject(ProtocolError(ErrorCode.BAD_MESSAGE, "binary frames are not supported"))
@@ -494,7 +503,7 @@ class Connection:
         self.hello_done = True
         self.client_name = hello.client
         self.next_ping_at = now + settings.heartbeat_interval
-        manager.scheduler.schedule(self, self.next_ping_at)
+        manager.scheduler.schedule(self, min(self.next_ping_at, now + settings.connection_timeout))
         self.push(
             protocol.welcome(
                 self.id,

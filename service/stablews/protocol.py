@@ -319,7 +319,9 @@ _PARSERS = {
 
 # ---------------------------------------------------------------- encoding
 
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# ASCII-only output: a lone surrogate that arrived as a JSON escape ("\ud800")
+# stays an escape instead of becoming text that cannot be sent as UTF-8.
+_encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 encode_json = _encoder.encode
 
 

@@ -85,3 +85,14 @@ async def test_stats_healthz_readyz(server):
     assert {"resumes_requested", "recovered", "not_recovered", "messages_replayed"} <= set(stats["recovery"])
     assert {"interval_ms", "timeout_ms", "rtt_ms", "missed_total"} <= set(stats["heartbeats"])
     await client.close()
+
+
+async def test_an_operator_can_close_a_connection_normally(server):
+    client, welcome = await hello_client(server.ws)
+    url = f"/api/v1/websocket/connections/{welcome['connection']}"
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        assert (await http.delete(url)).status_code == 401
+        response = await http.delete(url, headers={"X-API-Key": KEY})
+        assert response.status_code == 200 and response.json()["code"] == 1000
+        assert (await http.delete("/api/v1/websocket/connections/nope", headers={"X-API-Key": KEY})).status_code == 404
+    assert await client.wait_closed() == 1000
