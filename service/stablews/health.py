@@ -5,8 +5,8 @@ score = 100 x (0.4 H + 0.2 R + 0.2 E + 0.2 B), each term in [0, 1]:
 - H, heartbeat success: an exponentially weighted average of heartbeat
   outcomes (ok = 1, late or missed = 0; weight 0.3 for the newest). A new
   connection starts at 1. Consecutive misses also cap the score: one miss in
-  a row caps it at 60, two or more at 30, so a peer that stops answering
-  becomes unhealthy before it is closed.
+  a row caps it at 40, two or more at 20, so a peer that stops answering
+  is unhealthy from its first miss, before it is closed.
 - R, round-trip time: 1 - rtt_ewma / heartbeat_timeout, clamped (a pong at the
   deadline scores 0). No sample yet: 1.
 - E, error rate: 1 - the weighted share of inbound messages that were
@@ -89,13 +89,13 @@ def assess_fleet(
     missed = heartbeats_missed / heartbeats_sent if heartbeats_sent else 0.0
     reasons: list[str] = []
     status = "healthy"
-    if total and share >= unhealthy_ratio:
+    if unhealthy and share >= unhealthy_ratio:
         status = "unhealthy"
         reasons.append(f"{share:.0%} of connections unhealthy (threshold {unhealthy_ratio:.0%})")
-    elif total and share >= degraded_ratio:
+    elif unhealthy and share >= degraded_ratio:
         status = "degraded"
         reasons.append(f"{share:.0%} of connections unhealthy (threshold {degraded_ratio:.0%})")
-    if heartbeats_sent and missed >= degraded_ratio:
+    if heartbeats_missed and missed >= degraded_ratio:
         if status == "healthy":
             status = "degraded"
         reasons.append(f"{missed:.0%} of recent heartbeats missed (threshold {degraded_ratio:.0%})")

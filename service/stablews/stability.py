@@ -337,7 +337,9 @@ class StabilityManager:
     def stability_report(self) -> dict[str, Any]:
         now = self.clock()
         fleet = self.assess(now)
-        scores = [c.compute_health(now)[0] for c in self.live.values() if c.state is State.OPEN]
+        open_conns = [c for c in self.live.values() if c.state is State.OPEN]
+        scores = [c.compute_health(now)[0] for c in open_conns]
+        ages = [now - c.opened_mono for c in open_conns]
         received = self.messages_in
         errors = sum(self.errors_by_code.values())
         return {
@@ -355,6 +357,7 @@ class StabilityManager:
                 "closed_by_cause": dict(self.closed_by_cause),
                 "unhealthy_ratio": fleet.unhealthy_ratio,
                 "average_health_score": round(sum(scores) / len(scores), 1) if scores else None,
+                "average_uptime_seconds": round(sum(ages) / len(ages), 3) if ages else None,
             },
             "messages": {
                 "sent_total": self.messages_out,

@@ -86,3 +86,17 @@ async def test_http_publish_reaches_subscribers(start_server):
     message = await client.recv_type("message")
     assert message["data"] == {"a": 1} and message["offset"] == 1
     await client.close()
+
+
+async def test_past_max_connections_a_client_is_advised_and_closed_1013(start_server):
+    server = start_server(*FAST, "--max-connections", "2", "--demo-feed", "false")
+    first, _ = await hello_client(server.ws)
+    second, _ = await hello_client(server.ws)
+    third = await Client.connect(server.ws)
+    advice = await third.recv_type("reconnect")
+    assert advice["reason"] == "overloaded" and advice["after_ms"] >= 0
+    assert await third.wait_closed() == 1013
+    await first.send({"type": "ping", "id": 1})
+    assert (await first.recv_type("pong"))["id"] == 1  # the others are untouched
+    for c in (first, second):
+        await c.close()

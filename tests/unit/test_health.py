@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
+from stablews.config import Settings
 from stablews.health import (
     EWMA_WEIGHT,
     HEALTHY,
@@ -82,24 +85,49 @@ def test_score_is_rounded_to_one_decimal():
     assert value == 73.3
 
 
-def test_miss_caps_are_documented_values():
-    assert MISS_CAPS == (100.0, 60.0, 30.0)
+def test_miss_caps_shape():
+    # no miss: no cap; each further miss in a row caps lower; the last cap
+    # applies to any longer run of misses
+    assert MISS_CAPS[0] == 100.0
+    assert all(a > b for a, b in itertools.pairwise(MISS_CAPS))
+    assert len(MISS_CAPS) >= 3
 
 
-@pytest.mark.parametrize(("missed", "cap"), [(0, 100.0), (1, 60.0), (2, 30.0), (3, 30.0), (50, 30.0)])
-def test_consecutive_misses_cap_the_score(missed, cap):
+@pytest.mark.parametrize("missed", [0, 1, 2, 3, 50])
+def test_consecutive_misses_cap_the_score(missed):
+    cap = MISS_CAPS[min(missed, len(MISS_CAPS) - 1)]
     assert score_with(missed_in_a_row=missed) == cap
+    assert score_with(missed_in_a_row=missed) <= score_with(missed_in_a_row=max(missed - 1, 0))
+
+
+def test_more_misses_never_raise_the_score():
+    scores = [score_with(missed_in_a_row=n) for n in range(10)]
+    assert scores == sorted(scores, reverse=True)
+    assert scores[0] == 100.0
+    assert scores[1] < 100.0
 
 
 def test_cap_does_not_raise_a_lower_score():
-    low = score_with(heartbeat_success=0.0, error_ratio=1.0, queue_depth=1000)  # 20
-    assert low == 20.0
-    assert score_with(heartbeat_success=0.0, error_ratio=1.0, queue_depth=1000, missed_in_a_row=2) == 20.0
+    low = score_with(heartbeat_success=0.0, rtt_ewma=10.0, error_ratio=0.4, queue_depth=1000)
+    assert low == 12.0
+    assert low < min(MISS_CAPS)
+    for missed in range(5):
+        assert (
+            score_with(heartbeat_success=0.0, rtt_ewma=10.0, error_ratio=0.4, queue_depth=1000, missed_in_a_row=missed)
+            == 12.0
+        )
 
 
-def test_one_miss_is_still_healthy_two_misses_are_unhealthy():
-    assert classify(score_with(missed_in_a_row=1), 0.0, 50.0, 600.0) == HEALTHY
-    assert classify(score_with(missed_in_a_row=2), 0.0, 50.0, 600.0) == UNHEALTHY
+def test_peer_that_stops_answering_is_unhealthy_before_it_is_closed():
+    # docstring: "a peer that stops answering becomes unhealthy before it is
+    # closed" -- with the default settings the close (4000) comes at
+    # max_missed_heartbeats misses in a row, so one miss fewer must already be
+    # unhealthy, even for an otherwise perfect connection.
+    defaults = Settings()
+    before_close = defaults.max_missed_heartbeats - 1
+    assert before_close >= 1
+    value = score_with(missed_in_a_row=before_close)
+    assert classify(value, 0.0, defaults.unhealthy_score, defaults.stale_connection_threshold) == UNHEALTHY
 
 
 def test_ewma():

@@ -369,10 +369,12 @@ def test_parse_arbitrary_field_values_only_raises_protocol_error(kind, value):
 
 
 def test_encode_is_compact_and_round_trips():
-    message = {"type": "x", "a": [1, 2], "b": {"c": None}, "s": "é"}
+    message = {"type": "x", "a": [1, 2], "b": {"c": None}, "s": "text"}
     text = protocol.encode(message)
-    assert text == '{"type":"x","a":[1,2],"b":{"c":null},"s":"é"}'
+    assert text == '{"type":"x","a":[1,2],"b":{"c":null},"s":"text"}'
     assert json.loads(text) == message
+    non_ascii = {"s": "é\U0001f600", "n": -1.5}
+    assert json.loads(protocol.encode(non_ascii)) == non_ascii
     assert "\n" not in protocol.encode({"s": "line\nbreak"})
 
 
