@@ -4,6 +4,7 @@ import resource
 from collections.abc import Callable, Iterator
 
 import pytest
+
 from support import ServerProcess
 
 # Tests open many sockets; make sure the soft limit is not the bottleneck.

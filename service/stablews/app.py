@@ -88,7 +88,7 @@ class StableServer:
         spread = min(
             settings.max_reconnect_delay, max(settings.reconnect_delay, len(connections) / RECONNECTS_PER_SECOND)
         )
-        queued = sum(len(c.queue) for c in connections)
+        sent_before = sum(c.messages_out for c in connections)
         rng = random.Random()
         for conn in connections:
             conn.close(CloseCause.SHUTDOWN, after_ms=int(rng.uniform(0, spread) * 1000), deadline=deadline)
@@ -97,11 +97,12 @@ class StableServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wait_empty(), timeout + 0.5)
         elapsed = time.monotonic() - started
-        left = sum(1 for c in manager.live.values() if not c.passive)
+        # Abandoned: the close could not complete by the deadline (the peer did not read).
+        abandoned = sum(1 for c in connections if c.abandoned or c.state is not State.CLOSED)
         self._drained = {
-            "connections_closed": len(connections) - left,
-            "connections_abandoned": left,
-            "messages_flushed": queued,
+            "connections_closed": len(connections) - abandoned,
+            "connections_abandoned": abandoned,
+            "messages_flushed": sum(c.messages_out for c in connections) - sent_before,
             "drain_seconds": round(elapsed, 3),
         }
         manager.hooks.on_shutdown(len(connections), elapsed)
@@ -146,6 +147,9 @@ class StableServer:
 
     def stats(self) -> dict[str, Any]:
         report = self.manager.stability_report()
+        if self.draining:
+            report["status"] = "unhealthy"
+            report["reasons"] = ["draining", *report["reasons"]]
         report.update(
             {
                 "instance": self.settings.instance_id,

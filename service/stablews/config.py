@@ -234,6 +234,8 @@ class Settings:
             )
         if self.max_delay < self.initial_delay:
             raise ConfigError("max_delay must be at least initial_delay")
+        if self.max_reconnect_delay < self.reconnect_delay:
+            raise ConfigError("max_reconnect_delay must be at least reconnect_delay")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level: must be one of debug, info, warning, error")
         if self.degraded_ratio > self.unhealthy_ratio:

@@ -34,6 +34,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 TIMELINE_MAX = 64
+_PING_PREFIX = '{"type":"ping"'
 # Closes of peers that cannot (or will not) read what is queued: drop it.
 _UNREACHABLE = frozenset(
     {CloseCause.SLOW_CONSUMER, CloseCause.HEARTBEAT_TIMEOUT, CloseCause.IDLE_TIMEOUT, CloseCause.HELLO_TIMEOUT}
@@ -49,13 +50,13 @@ class State(IntEnum):
 
 def cause_of_peer_close(code: int) -> CloseCause:
     """Cause of a close the server did not start, from the code it saw."""
+    if code in (1000, 1001):
+        return CloseCause.NORMAL
     if code in (1005, 1006):  # no close frame (abrupt drop) or none with a code
         return CloseCause.CLIENT_GONE
-    if code == 1009:
+    if code == 1009:  # the WebSocket parser refused a frame far over the limit
         return CloseCause.TOO_LARGE
-    if code in (1002, 1003, 1007, 1011):
-        return CloseCause.ERROR
-    return CloseCause.NORMAL
+    return CloseCause.ERROR  # protocol errors and application codes: worth a look
 
 
 class Connection:
@@ -262,6 +263,8 @@ class Connection:
             while self.queue:
                 frame, count = self._take_frame()
                 await send({"type": "websocket.send", "text": frame})
+                if count > 1 or not frame.startswith(_PING_PREFIX):
+                    self.last_app_activity = manager.clock()  # outbound data is application traffic
                 size = protocol.text_size(frame)
                 self.messages_out += count
                 self.bytes_out += size
@@ -392,8 +395,9 @@ class Connection:
                 self._heartbeat_failed("late", rtt)
         elif self.late_pong_possible:  # the miss is already counted; keep the figure
             self.late_pong_possible = False
+            self.hb_late += 1
             self._record_rtt(rtt)
-            self.manager.hooks.on_heartbeat(self, "late", rtt)
+            self.manager.heartbeat_late(self, rtt)
 
     def _record_rtt(self, rtt: float) -> None:
         self.rtt_last = rtt
@@ -594,7 +598,7 @@ class Connection:
         if self.close_cause is None:
             self.close_cause = cause_of_peer_close(peer_code)
             self.close_code = peer_code
-            self.close_initiator = "client"
+            self.close_initiator = "server" if peer_code == 1009 else "client"
         self.state = State.CLOSED
         manager = self.manager
         self.closed_mono = manager.clock()

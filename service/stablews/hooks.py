@@ -7,6 +7,7 @@ core never imports a telemetry library.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -43,8 +44,12 @@ class LifecycleHooks:
         """The drain has ended."""
 
 
+log = logging.getLogger("stablews.hooks")
+
+
 class HookSet(LifecycleHooks):
-    """Calls every registered hook object in order."""
+    """Calls every registered hook object in order. A hook that raises is
+    logged and skipped: telemetry must never break a connection."""
 
     def __init__(self) -> None:
         self._hooks: list[LifecycleHooks] = []
@@ -57,36 +62,63 @@ class HookSet(LifecycleHooks):
 
     def on_open(self, conn: Connection) -> None:
         for h in self._hooks:
-            h.on_open(conn)
+            try:
+                h.on_open(conn)
+            except Exception:
+                log.exception("hook failed")
 
     def on_hello(self, conn: Connection) -> None:
         for h in self._hooks:
-            h.on_hello(conn)
+            try:
+                h.on_hello(conn)
+            except Exception:
+                log.exception("hook failed")
 
     def on_subscribe(self, conn: Connection, channel: str, result: SubscribeResult) -> None:
         for h in self._hooks:
-            h.on_subscribe(conn, channel, result)
+            try:
+                h.on_subscribe(conn, channel, result)
+            except Exception:
+                log.exception("hook failed")
 
     def on_resume(self, conn: Connection, asked: int, recovered: int, replayed: int) -> None:
         for h in self._hooks:
-            h.on_resume(conn, asked, recovered, replayed)
+            try:
+                h.on_resume(conn, asked, recovered, replayed)
+            except Exception:
+                log.exception("hook failed")
 
     def on_heartbeat(self, conn: Connection, outcome: str, rtt: float | None) -> None:
         for h in self._hooks:
-            h.on_heartbeat(conn, outcome, rtt)
+            try:
+                h.on_heartbeat(conn, outcome, rtt)
+            except Exception:
+                log.exception("hook failed")
 
     def on_error(self, conn: Connection, code: str) -> None:
         for h in self._hooks:
-            h.on_error(conn, code)
+            try:
+                h.on_error(conn, code)
+            except Exception:
+                log.exception("hook failed")
 
     def on_close(self, conn: Connection) -> None:
         for h in self._hooks:
-            h.on_close(conn)
+            try:
+                h.on_close(conn)
+            except Exception:
+                log.exception("hook failed")
 
     def on_event(self, event: str, payload: dict[str, Any]) -> None:
         for h in self._hooks:
-            h.on_event(event, payload)
+            try:
+                h.on_event(event, payload)
+            except Exception:
+                log.exception("hook failed")
 
     def on_shutdown(self, connections: int, drain_seconds: float) -> None:
         for h in self._hooks:
-            h.on_shutdown(connections, drain_seconds)
+            try:
+                h.on_shutdown(connections, drain_seconds)
+            except Exception:
+                log.exception("hook failed")

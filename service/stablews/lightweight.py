@@ -63,7 +63,12 @@ class StabilityMiddleware:
         self.paths = set(paths) if paths is not None else None
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "websocket" or (self.paths is not None and scope.get("path") not in self.paths):
+        path = scope.get("path")
+        if (
+            scope["type"] != "websocket"
+            or path == self.server.settings.ws_path  # protocol connections are tracked already
+            or (self.paths is not None and path not in self.paths)
+        ):
             await self.app(scope, receive, send)
             return
         await track(self.app, self.server, scope, receive, send)

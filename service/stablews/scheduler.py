@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 log = logging.getLogger("stablews.scheduler")
 
+RETRY_AFTER_FAILURE = 1.0  # seconds before an item whose check raised is checked again
+
 
 class Schedulable(Protocol):
     sched_due: float  # due time of the item's live heap entry, inf when none
@@ -72,9 +74,9 @@ class DeadlineScheduler:
             checked += 1
             try:
                 next_due = self._on_due(item, now)
-            except Exception:  # one bad item must not stop the others' deadlines
+            except Exception:  # one bad item must not stop the others' deadlines, nor lose its own
                 log.exception("deadline check failed")
-                continue
+                next_due = now + RETRY_AFTER_FAILURE
             if next_due is not None:
                 # Never spin on an item that claims to be due again.
                 self.schedule(item, max(next_due, now + 1e-3))

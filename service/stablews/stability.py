@@ -192,6 +192,11 @@ class StabilityManager:
             self.heartbeats_late += 1
         self.hooks.on_heartbeat(conn, outcome, rtt)
 
+    def heartbeat_late(self, conn: Connection, rtt: float) -> None:
+        """A pong after its miss was already counted: only the figure changes."""
+        self.heartbeats_late += 1
+        self.hooks.on_heartbeat(conn, "late", rtt)
+
     def record_rtt(self, rtt: float) -> None:
         self._rtt[self._rtt_count % RTT_SAMPLES] = rtt
         self._rtt_count += 1
@@ -236,7 +241,7 @@ class StabilityManager:
                 self.emit("unhealthy_connection", _event_payload(conn, now))
             elif state == health.STALE:
                 self.emit("stale_connection", _event_payload(conn, now))
-                if settings.close_stale:
+                if settings.close_stale and not conn.passive:
                     conn.close(CloseCause.IDLE_TIMEOUT)
         sent = self._window_sent + self._prev_window[0]
         missed = self._window_missed + self._prev_window[1]

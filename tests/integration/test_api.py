@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+
 from support import hello_client, wait_for
 
 KEY = "s3cret-key"

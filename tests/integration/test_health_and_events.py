@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+
 from stablews.app import StableServer, create_app
 from stablews.config import Settings
 from support import Client, InProcessServer, get_json, hello_client, wait_for

@@ -5,15 +5,16 @@ from __future__ import annotations
 import contextlib
 
 import httpx
-from stablews.app import StableServer
-from stablews.config import Settings
-from stablews.lightweight import StabilityMiddleware, monitored
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
-from support import InProcessServer, wait_for
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+
+from stablews.app import StableServer
+from stablews.config import Settings
+from stablews.lightweight import StabilityMiddleware, monitored
+from support import InProcessServer, wait_for
 
 
 async def echo(websocket: WebSocket) -> None:
@@ -112,10 +113,13 @@ async def test_middleware_tracks_only_the_paths_it_is_given():
     stable = StableServer(Settings(demo_feed=False))
     inner = Starlette(routes=[WebSocketRoute("/a", echo), WebSocketRoute("/b", echo), *stable.routes()],
                       lifespan=stable.lifespan)
-    async with InProcessServer(StabilityMiddleware(inner, stable, paths={"/a"})) as srv:
-        async with connect(srv.ws_url("/a"), compression=None) as a, connect(srv.ws_url("/b"), compression=None) as b:
-            await a.send("1")
-            await b.send("2")
-            assert (await a.recv(), await b.recv()) == ("1", "2")
-            listed = await connections(srv)
-            assert len(listed) == 1 and listed[0]["messages"]["received"] == 1
+    async with (
+        InProcessServer(StabilityMiddleware(inner, stable, paths={"/a"})) as srv,
+        connect(srv.ws_url("/a"), compression=None) as a,
+        connect(srv.ws_url("/b"), compression=None) as b,
+    ):
+        await a.send("1")
+        await b.send("2")
+        assert (await a.recv(), await b.recv()) == ("1", "2")
+        listed = await connections(srv)
+        assert len(listed) == 1 and listed[0]["messages"]["received"] == 1

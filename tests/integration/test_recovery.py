@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from support import Client, hello_client, wait_for
 
-OPTIONS = ("--heartbeat-interval", "2s", "--heartbeat-timeout", "1s", "--demo-feed", "false", "--client-publish", "true")
+OPTIONS = (
+    "--heartbeat-interval", "2s", "--heartbeat-timeout", "1s", "--demo-feed", "false", "--client-publish", "true",
+)
 
 
 class Publisher:

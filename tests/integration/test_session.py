@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+
 from support import Client, hello_client
 
 FAST = ("--heartbeat-interval", "2s", "--heartbeat-timeout", "1s")
@@ -58,7 +59,8 @@ async def test_client_ping_gets_pong_and_publish_is_acknowledged(start_server):
     assert message["data"] == {"qty": 3} and message["offset"] == 1
     assert await client.recv_type("published") == {"type": "published", "id": 41, "channel": "orders.eu", "offset": 1}
     await client.send({"type": "unsubscribe", "channel": "orders.eu"})
-    assert await client.recv_type("unsubscribed") == {"type": "unsubscribed", "channel": "orders.eu", "reason": "client"}
+    unsubscribed = await client.recv_type("unsubscribed")
+    assert unsubscribed == {"type": "unsubscribed", "channel": "orders.eu", "reason": "client"}
     await client.close()
 
 

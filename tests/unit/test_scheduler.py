@@ -6,7 +6,7 @@ import logging
 import math
 import random
 
-from stablews.scheduler import DeadlineScheduler
+from stablews.scheduler import RETRY_AFTER_FAILURE, DeadlineScheduler
 
 
 class Item:
@@ -163,10 +163,13 @@ def test_on_due_that_raises_does_not_stop_other_items(caplog):
         assert sched.run_due(5.0) == 3
     assert calls == ["good1", "bad", "good2"]
     assert any("boom" in (r.exc_text or "") or r.exc_info for r in caplog.records)
-    # the failing item is dropped, the others keep their next deadlines
+    # the others keep their next deadlines; the failing item is retried, not lost
     calls.clear()
-    assert sched.run_due(15.0) == 2
-    assert sorted(calls) == ["good1", "good2"]
+    assert sched.run_due(5.0 + RETRY_AFTER_FAILURE) == 1
+    assert calls == ["bad"]
+    calls.clear()
+    assert sched.run_due(15.0) == 3  # the bad one again (it keeps failing), and both good ones
+    assert sorted(calls) == ["bad", "good1", "good2"]
 
 
 def test_returning_none_removes_the_item():
