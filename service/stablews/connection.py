@@ -16,12 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
-from . import health, protocol
+from . import health, outbound, protocol
 from .broker import Broker, BrokerUnavailable, SubscribeResult
 from .protocol import CloseCause, ErrorCode, ProtocolError
 
@@ -34,6 +33,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 TIMELINE_MAX = 64
+_INF = float("inf")
 _PING_PREFIX = '{"type":"ping"'
 # Closes of peers that cannot (or will not) read what is queued: drop it.
 _UNREACHABLE = frozenset(
@@ -76,8 +76,10 @@ class Connection:
         "close_code",
         "close_deadline",
         "close_initiator",
+        "close_sent",
         "closed_mono",
         "closed_wall",
+        "dirty",
         "err_ratio",
         "errors",
         "frames_out",
@@ -141,11 +143,13 @@ class Connection:
         self.send = send
         self.passive = passive
         self.state = State.OPEN
-        self.queue: deque[str | tuple[str, int]] = deque()
+        self.queue: list[str | tuple[str, int]] = []
+        self.dirty = False
+        self.close_sent = False
         self.writer: asyncio.Task[None] | None = None
         self.task: asyncio.Task[Any] | None = None
         self.abandoned = False
-        self.sched_due = float("inf")
+        self.sched_due = _INF
         self.client_address, self.client_port = client if client else (None, None)
         self.user_agent = user_agent
         self.client_name: str | None = None
@@ -158,17 +162,17 @@ class Connection:
         self.close_cause: CloseCause | None = None
         self.close_code: int | None = None
         self.close_initiator: str | None = None
-        self.close_deadline = float("inf")
+        self.close_deadline = _INF
         self.hello_done = passive
         self.hello_deadline = now + settings.hello_timeout
-        self.channels: set[str] = set()
+        self.channels: list[str] = []  # a few at most: a list is a third of a set's size
         # heartbeat figures
         self.ping_seq = 0
         self.ping_in_flight = False
         self.late_pong_possible = False
         self.ping_sent_at = 0.0
-        self.pong_deadline = float("inf")
-        self.next_ping_at = float("inf")
+        self.pong_deadline = _INF
+        self.next_ping_at = _INF
         self.missed_in_a_row = 0
         self.hb_sent = self.hb_ok = self.hb_missed = self.hb_late = 0
         self.hb_success = 1.0
@@ -185,8 +189,7 @@ class Connection:
         self.bad_window_start = now
         self.health_score = 100.0
         self.health_state = health.HEALTHY
-        self.timeline: list[tuple[float, str, str]] = []
-        self.note("open", f"{self.client_address}:{self.client_port}" if client else "")
+        self.timeline: list[tuple[float, str, str]] = []  # "open" is implied by opened_wall
 
     # ------------------------------------------------------------ figures
 
@@ -194,7 +197,7 @@ class Connection:
         """Add to the lifecycle timeline (bounded: the first entries and the latest)."""
         timeline = self.timeline
         if len(timeline) >= TIMELINE_MAX:
-            del timeline[8]  # keep how it started; drop the oldest of the rest
+            del timeline[7]  # keep how it started; drop the oldest of the rest
         timeline.append((self.manager.wall(), event, detail))
 
     def compute_health(self, now: float) -> tuple[float, str]:
@@ -216,69 +219,121 @@ class Connection:
     # ------------------------------------------------------------ outbound
 
     def deliver(self, frame: str) -> None:
-        """A live publication (the broker's fan-out). Never blocks."""
+        """A live publication (the broker's fan-out). Never blocks, never waits."""
         if self.state is not State.OPEN:
             return
         queue = self.queue
-        if len(queue) >= self.manager.settings.send_queue_max:
-            self.close(CloseCause.SLOW_CONSUMER)
-            return
+        if self.writer is not None:
+            # A send is waiting on the peer's full socket: this is the backlog.
+            if len(queue) >= self.manager.settings.send_queue_max:
+                self.close(CloseCause.SLOW_CONSUMER)
+                return
+        elif not self.dirty:
+            self.manager.flusher.mark(self)
         queue.append(frame)
-        if self.writer is None:
-            self.writer = asyncio.get_running_loop().create_task(self._write())
 
     def push(self, entry: str | tuple[str, int]) -> None:
         """A control message or a replay chunk: not subject to the queue limit."""
         if self.state is not State.OPEN:
             return
         self.queue.append(entry)
-        if self.writer is None:
-            self.writer = asyncio.get_running_loop().create_task(self._write())
+        if self.writer is None and not self.dirty:
+            self.manager.flusher.mark(self)
 
     def _take_frame(self) -> tuple[str, int]:
-        """Pop the next frame: as many queued entries as fit in max_frame_bytes."""
+        """Take the next frame off the queue: as many entries as fit in max_frame_bytes."""
         queue = self.queue
-        entry = queue.popleft()
+        entry = queue[0]
         text, count = (entry, 1) if entry.__class__ is str else entry  # type: ignore[misc]
         limit = self.manager.settings.max_frame_bytes
-        if not queue or len(text) >= limit:
-            return text, count
-        parts = [text]
-        size = len(text)
-        while queue:
-            entry = queue[0]
-            nxt, n = (entry, 1) if entry.__class__ is str else entry  # type: ignore[misc]
-            size += len(nxt) + 1
-            if size > limit:
-                break
-            queue.popleft()
-            parts.append(nxt)
-            count += n
-        return "\n".join(parts), count
+        taken = 1
+        if len(queue) > 1 and len(text) < limit:
+            parts = [text]
+            size = len(text)
+            for entry in queue[1:] if len(queue) <= 64 else queue[1:64]:
+                nxt, n = (entry, 1) if entry.__class__ is str else entry  # type: ignore[misc]
+                size += len(nxt) + 1
+                if size > limit:
+                    break
+                parts.append(nxt)
+                count += n
+                taken += 1
+            text = "\n".join(parts) if taken > 1 else text
+        del queue[:taken]
+        return text, count
 
-    async def _write(self) -> None:
+    def _sent(self, frame: str, count: int) -> None:
         manager = self.manager
+        if count > 1 or not frame.startswith(_PING_PREFIX):
+            self.last_app_activity = manager.clock()  # outbound data is application traffic
+        size = len(frame)  # frames are ASCII (see protocol.encode_json)
+        self.messages_out += count
+        self.bytes_out += size
+        self.frames_out += 1
+        manager.messages_out += count
+        manager.bytes_out += size
+        manager.frames_out += 1
+
+    def _close_message(self) -> dict[str, Any]:
+        self.close_sent = True
+        return {"type": "websocket.close", "code": self.close_code, "reason": str(self.close_cause)}
+
+    def flush(self) -> None:
+        """Write the backlog now (the flusher calls this once per loop iteration).
+        A send the socket cannot take at once continues in a task: `writer`."""
+        if self.writer is not None or self.state is State.CLOSED:
+            return
         send = self.send
         try:
             while self.queue:
                 frame, count = self._take_frame()
-                await send({"type": "websocket.send", "text": frame})
-                if count > 1 or not frame.startswith(_PING_PREFIX):
-                    self.last_app_activity = manager.clock()  # outbound data is application traffic
-                size = protocol.text_size(frame)
-                self.messages_out += count
-                self.bytes_out += size
-                self.frames_out += 1
-                manager.messages_out += count
-                manager.bytes_out += size
-                manager.frames_out += 1
-            if self.state is State.CLOSING:
-                await send({"type": "websocket.close", "code": self.close_code, "reason": str(self.close_cause)})
+                coro = send({"type": "websocket.send", "text": frame})
+                pending = outbound.start(coro)
+                if pending is not None:
+                    self.writer = asyncio.get_running_loop().create_task(self._drain(coro, pending, frame, count))
+                    return
+                self._sent(frame, count)
+            if self.state is State.CLOSING and not self.close_sent:
+                coro = send(self._close_message())
+                pending = outbound.start(coro)
+                if pending is not None:
+                    self.writer = asyncio.get_running_loop().create_task(self._drain(coro, pending, "", 0))
         except Exception as exc:  # the peer is gone; the receive loop sees the disconnect
-            log.debug("send failed on %s: %r", self.id, exc)
-            self.queue.clear()
+            self._send_failed(exc)
+
+    async def _drain(self, coro: Coroutine[Any, Any, Any], pending: Any, frame: str, count: int) -> None:
+        """Finish a send that had to wait, then write the rest of the backlog."""
+        send = self.send
+        try:
+            await outbound.finish(coro, pending)
+            if count:
+                self._sent(frame, count)
+            while self.queue:
+                frame, count = self._take_frame()
+                await send({"type": "websocket.send", "text": frame})
+                self._sent(frame, count)
+            if self.state is State.CLOSING and not self.close_sent:
+                await send(self._close_message())
+        except Exception as exc:
+            self._send_failed(exc)
         finally:
             self.writer = None
+
+    def _send_failed(self, exc: Exception) -> None:
+        """A send raised: the peer is gone (the receive loop will see the
+        disconnect), or something is broken. Either way nothing more is
+        written: the connection ends, and the client resumes from its position."""
+        self.queue.clear()
+        if isinstance(exc, OSError):  # uvicorn's ClientDisconnected is an OSError
+            log.debug("send failed on %s: %r", self.id, exc)
+        else:
+            log.warning("send failed on %s: %r", self.id, exc, extra={"connection": self.id})
+        if self.state is State.OPEN:
+            self.close_cause = CloseCause.ERROR
+            self.close_code = int(protocol.CLOSE_CODE_FOR_CAUSE[CloseCause.ERROR])
+            self.close_initiator = "server"
+            self.state = State.CLOSING
+        self.abandon()
 
     def close(self, cause: CloseCause, *, after_ms: int | None = None, deadline: float | None = None) -> None:
         """Start a server-initiated close. Frames already queued are flushed
@@ -301,8 +356,8 @@ class Connection:
         now = manager.clock()
         self.close_deadline = deadline if deadline is not None else now + settings.close_timeout
         manager.scheduler.schedule(self, self.close_deadline)
-        if self.writer is None and not self.passive:
-            self.writer = asyncio.get_running_loop().create_task(self._write())
+        if self.writer is None and not self.dirty and not self.passive:
+            manager.flusher.mark(self)
 
     def abandon(self) -> None:
         """Give up on a close the peer never let through (it stopped reading)."""
@@ -551,7 +606,7 @@ class Connection:
             )
             return None
         assert self.broker is not None
-        self.channels.add(channel)
+        self.channels.append(channel)
         result = await self.broker.subscribe(channel, self, since)
         if self.state is not State.OPEN:
             return result
@@ -559,14 +614,17 @@ class Connection:
         for chunk in _chunks(result.replay, settings.max_frame_bytes):
             self.push(chunk)
         self.manager.count_subscribe(self, channel, since, result)
-        self.note("subscribe", f"{channel} recovered={result.recovered} replayed={len(result.replay)}")
+        if since is None:
+            self.note("subscribe", channel)
+        else:
+            self.note("subscribe", f"{channel} recovered={result.recovered} replayed={len(result.replay)}")
         return result
 
     def _unsubscribe(self, channel: str) -> None:
         if channel not in self.channels:
             self.reject(ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}", "unsubscribe"))
             return
-        self.channels.discard(channel)
+        self.channels.remove(channel)
         assert self.broker is not None
         self.broker.unsubscribe(channel, self)
         self.push(protocol.unsubscribed(channel, "client"))
@@ -607,6 +665,7 @@ class Connection:
             self.writer.cancel()
             self.writer = None
         self.queue.clear()
+        self.dirty = False  # a pending flush finds the connection closed and does nothing
         if self.broker is not None:
             for channel in self.channels:
                 self.broker.unsubscribe(channel, self)
@@ -668,7 +727,8 @@ class Connection:
 
     def detail(self, now: float) -> dict[str, Any]:
         view = self.summary(now)
-        view["timeline"] = [{"at": at, "event": event, "detail": detail} for at, event, detail in self.timeline]
+        opened = {"at": self.opened_wall, "event": "open", "detail": f"{self.client_address}:{self.client_port}"}
+        view["timeline"] = [opened, *({"at": at, "event": e, "detail": d} for at, e, d in self.timeline)]
         return view
 
 

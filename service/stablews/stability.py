@@ -29,6 +29,7 @@ from .broker import SubscribeResult
 from .connection import Connection, State
 from .health import FleetHealth
 from .hooks import HookSet
+from .outbound import Flusher
 from .protocol import NORMAL_CAUSES, CloseCause, Limits, Position
 from .scheduler import DeadlineScheduler
 
@@ -76,6 +77,7 @@ class StabilityManager:
         self.closed: deque[Connection] = deque(maxlen=settings.closed_records_max)
         self.scheduler = DeadlineScheduler(lambda conn, now: conn.check(now), clock)
         self.hooks = HookSet()
+        self.flusher = Flusher()
         self._listeners: dict[str, list[EventCallback]] = {name: [] for name in EVENTS}
         self._listener_tasks: set[asyncio.Future[Any]] = set()
         self.housekeeping: list[Callable[[], None]] = []

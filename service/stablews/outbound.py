@@ -1,0 +1,96 @@
+"""Getting frames onto sockets without a task per connection.
+
+Fan-out appends to each subscriber's queue and marks it dirty; once per
+event-loop iteration the `Flusher` writes every dirty connection's backlog as
+one frame. The ASGI `send` is started in place (`start`): on a socket that
+takes the data it completes at once, and no task is created. Only a send that
+has to wait (the peer's socket is full) becomes a task, which then drains
+that connection's queue until it is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+
+class Flushable(Protocol):
+    dirty: bool
+
+    def flush(self) -> None: ...
+
+
+class Flusher:
+    """Runs `flush()` of every connection marked since the last loop iteration."""
+
+    __slots__ = ("_dirty", "_loop", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[Flushable] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def mark(self, conn: Flushable) -> None:
+        conn.dirty = True
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for conn in dirty:
+            conn.dirty = False
+            conn.flush()
+
+
+def start(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run the first step of `coro` now. Returns None when it completed (its
+    result is not needed), else what it is waiting on: hand that and the
+    coroutine to `finish`. Exceptions of the first step propagate."""
+    try:
+        pending = coro.send(None)
+    except StopIteration:
+        return None
+    return _Pending(_received(pending))
+
+
+def _received(yielded: Any) -> Any:
+    """What a task does on receiving a future from its coroutine: take over the
+    blocking flag, so that awaiting the same future again (in `finish`) is allowed."""
+    if getattr(yielded, "_asyncio_future_blocking", False):
+        yielded._asyncio_future_blocking = False
+    return yielded
+
+
+class _Pending:
+    __slots__ = ("awaiting",)
+
+    def __init__(self, awaiting: Any) -> None:
+        self.awaiting = awaiting
+
+
+async def finish(coro: Coroutine[Any, Any, Any], pending: _Pending) -> None:
+    """Drive a started coroutine to its end from inside a task, as the task
+    itself would have: wait for what it yielded, then resume it."""
+    awaiting = pending.awaiting
+    while True:
+        try:
+            if awaiting is None:  # a bare yield (sleep(0)): give the loop one turn
+                await asyncio.sleep(0)
+            else:
+                await awaiting
+        except BaseException as exc:
+            try:
+                awaiting = _received(coro.throw(exc))
+            except StopIteration:
+                return
+            continue
+        try:
+            awaiting = _received(coro.send(None))
+        except StopIteration:
+            return
