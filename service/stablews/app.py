@@ -7,7 +7,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -180,10 +180,27 @@ class StableServer:
         return [WebSocketRoute(self.settings.ws_path, self.endpoint), *api_routes(self)]
 
 
-def create_app(server: StableServer | Settings | None = None) -> Starlette:
+class StableApp:
+    """The ASGI app: the protocol socket goes straight to its endpoint (every
+    frame it sends would otherwise pass Starlette's middleware stack); HTTP,
+    other sockets and the lifespan go to the Starlette app."""
+
+    def __init__(self, server: StableServer) -> None:
+        self.stable = server
+        self.ws_path = server.settings.ws_path
+        self.endpoint = server.endpoint
+        self.starlette = Starlette(routes=server.routes(), lifespan=server.lifespan)
+        self.starlette.state.stable = server
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and scope["path"] == self.ws_path:
+            await self.endpoint(scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
+
+
+def create_app(server: StableServer | Settings | None = None) -> StableApp:
     """The ASGI app: the socket, the HTTP API, and a lifespan that starts and drains the server."""
     if not isinstance(server, StableServer):
         server = StableServer(server)
-    app = Starlette(routes=server.routes(), lifespan=server.lifespan)
-    app.state.stable = server
-    return app
+    return StableApp(server)

@@ -243,9 +243,12 @@ class Connection:
     def _take_frame(self) -> tuple[str, int]:
         """Take the next frame off the queue: as many entries as fit in max_frame_bytes."""
         queue = self.queue
+        if len(queue) == 1:  # the common case on a socket that keeps up
+            entry = queue.pop()
+            return (entry, 1) if entry.__class__ is str else entry  # type: ignore[return-value]
         entry = queue[0]
         text, count = (entry, 1) if entry.__class__ is str else entry  # type: ignore[misc]
-        limit = self.manager.settings.max_frame_bytes
+        limit = self.manager.max_frame_bytes
         taken = 1
         if len(queue) > 1 and len(text) < limit:
             parts = [text]
@@ -262,10 +265,10 @@ class Connection:
         del queue[:taken]
         return text, count
 
-    def _sent(self, frame: str, count: int) -> None:
+    def _sent(self, frame: str, count: int, now: float) -> None:
         manager = self.manager
         if count > 1 or not frame.startswith(_PING_PREFIX):
-            self.last_app_activity = manager.clock()  # outbound data is application traffic
+            self.last_app_activity = now  # outbound data is application traffic
         size = len(frame)  # frames are ASCII (see protocol.encode_json)
         self.messages_out += count
         self.bytes_out += size
@@ -278,21 +281,22 @@ class Connection:
         self.close_sent = True
         return {"type": "websocket.close", "code": self.close_code, "reason": str(self.close_cause)}
 
-    def flush(self) -> None:
+    def flush(self, now: float) -> None:
         """Write the backlog now (the flusher calls this once per loop iteration).
         A send the socket cannot take at once continues in a task: `writer`."""
         if self.writer is not None or self.state is State.CLOSED:
             return
         send = self.send
+        queue = self.queue
         try:
-            while self.queue:
+            while queue:
                 frame, count = self._take_frame()
                 coro = send({"type": "websocket.send", "text": frame})
                 pending = outbound.start(coro)
                 if pending is not None:
                     self.writer = asyncio.get_running_loop().create_task(self._drain(coro, pending, frame, count))
                     return
-                self._sent(frame, count)
+                self._sent(frame, count, now)
             if self.state is State.CLOSING and not self.close_sent:
                 coro = send(self._close_message())
                 pending = outbound.start(coro)
@@ -306,12 +310,13 @@ class Connection:
         send = self.send
         try:
             await outbound.finish(coro, pending)
+            clock = self.manager.clock
             if count:
-                self._sent(frame, count)
+                self._sent(frame, count, clock())
             while self.queue:
                 frame, count = self._take_frame()
                 await send({"type": "websocket.send", "text": frame})
-                self._sent(frame, count)
+                self._sent(frame, count, clock())
             if self.state is State.CLOSING and not self.close_sent:
                 await send(self._close_message())
         except Exception as exc:

@@ -11,22 +11,23 @@ that connection's queue until it is empty.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 
 class Flushable(Protocol):
     dirty: bool
 
-    def flush(self) -> None: ...
+    def flush(self, now: float) -> None: ...
 
 
 class Flusher:
     """Runs `flush()` of every connection marked since the last loop iteration."""
 
-    __slots__ = ("_dirty", "_loop", "_scheduled")
+    __slots__ = ("_clock", "_dirty", "_loop", "_scheduled")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
         self._dirty: list[Flushable] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -43,9 +44,10 @@ class Flusher:
     def _run(self) -> None:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
+        now = self._clock()  # one reading for the whole batch
         for conn in dirty:
             conn.dirty = False
-            conn.flush()
+            conn.flush(now)
 
 
 def start(coro: Coroutine[Any, Any, Any]) -> Any:

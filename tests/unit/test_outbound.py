@@ -81,10 +81,10 @@ async def test_the_flusher_runs_each_marked_connection_once_per_iteration():
             self.name = name
             self.dirty = False
 
-        def flush(self) -> None:
+        def flush(self, now: float) -> None:
             flushed.append(self.name)
 
-    flusher = outbound.Flusher()
+    flusher = outbound.Flusher(lambda: 0.0)
     a, b = Conn("a"), Conn("b")
     for conn in (a, b, a):
         if not conn.dirty:
