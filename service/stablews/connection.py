@@ -329,14 +329,16 @@ class Connection:
         disconnect), or something is broken. Either way nothing more is
         written: the connection ends, and the client resumes from its position."""
         self.queue.clear()
-        if isinstance(exc, OSError):  # uvicorn's ClientDisconnected is an OSError
+        gone = isinstance(exc, OSError)  # uvicorn's ClientDisconnected is an OSError
+        if gone:
             log.debug("send failed on %s: %r", self.id, exc)
         else:
             log.warning("send failed on %s: %r", self.id, exc, extra={"connection": self.id})
         if self.state is State.OPEN:
-            self.close_cause = CloseCause.ERROR
-            self.close_code = int(protocol.CLOSE_CODE_FOR_CAUSE[CloseCause.ERROR])
-            self.close_initiator = "server"
+            if gone:
+                self.close_cause, self.close_code, self.close_initiator = CloseCause.CLIENT_GONE, 1006, "client"
+            else:
+                self.close_cause, self.close_code, self.close_initiator = CloseCause.ERROR, 1011, "server"
             self.state = State.CLOSING
         self.abandon()
 
@@ -370,9 +372,10 @@ class Connection:
             return
         self.abandoned = True
         self.note("abandoned", "close did not complete in time")
-        if self.writer is not None:
+        current = asyncio.current_task()
+        if self.writer is not None and self.writer is not current:
             self.writer.cancel()
-        if self.task is not None and self.task is not asyncio.current_task():
+        if self.task is not None and self.task is not current:
             self.task.cancel()
 
     # ------------------------------------------------------------ deadlines

@@ -11,8 +11,11 @@ that connection's queue until it is empty.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
+
+log = logging.getLogger("stablews.outbound")
 
 
 class Flushable(Protocol):
@@ -47,7 +50,10 @@ class Flusher:
         now = self._clock()  # one reading for the whole batch
         for conn in dirty:
             conn.dirty = False
-            conn.flush(now)
+            try:
+                conn.flush(now)
+            except Exception:  # one connection's bug must not stall everyone else's output
+                log.exception("flush failed")
 
 
 def start(coro: Coroutine[Any, Any, Any]) -> Any:
