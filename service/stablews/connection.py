@@ -1,14 +1,16 @@
 """One live connection: receive loop and dispatch, the bounded send queue and
-its writer, heartbeat and deadline checks, and the connection's figures.
+how it is written, heartbeat and deadline checks, and the connection's figures.
 
-Outbound: everything the server sends goes through one FIFO queue drained by
-one writer task, which exists only while there is something to write and
-joins a backlog into one frame (messages separated by `\\n`). Live
-publications are refused once `send_queue_max` frames wait: the connection
-is then closed 4003 after a `reconnect` advice, and nothing upstream waits.
+Outbound: everything the server sends goes through one FIFO queue. The
+`Flusher` (outbound.py) writes each connection's backlog once per loop
+iteration, joined into frames (messages separated by `\n`); a send that
+must wait for the peer's socket continues in a task, the `writer`, which
+drains the rest. While a writer waits, live publications beyond
+`send_queue_max` close the connection 4003 after a `reconnect` advice, and
+nothing upstream waits.
 
-Closing: `close()` only marks the connection and hands the close to the
-writer; the scheduler abandons a close still stuck after its deadline.
+Closing: `close()` only marks the connection; the close frame follows the
+queue, and the scheduler abandons a close still stuck after its deadline.
 """
 
 from __future__ import annotations
