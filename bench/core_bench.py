@@ -68,6 +68,12 @@ FANOUT_GOAL = 1.0  # stablews/bare delivered messages/s, at least
 Json = dict[str, Any]
 
 
+
+def split_frame(frame: str | bytes) -> list[dict[str, Any]]:
+    """The messages of one server frame (a frame may carry several, one per line)."""
+    return [json.loads(line) for line in str(frame).split("\n") if line]
+
+
 class BenchError(Exception):
     """A run that could not be measured (the message says why)."""
 
@@ -184,17 +190,14 @@ class Worker:
     async def _await_subscribed(self, ws: ClientConnection) -> None:
         for _ in range(100):  # welcome, subscribed, perhaps a ping
             frame = await ws.recv()
-            for line in str(frame).split("\n"):
-                if not line:
-                    continue
-                msg = json.loads(line)
+            for msg in split_frame(frame):
                 kind = msg.get("type")
                 if kind == "subscribed":
                     return
                 if kind == "ping":
                     await ws.send(dumps({"type": "pong", "id": msg["id"]}))
                 elif kind == "error":
-                    raise BenchError(f"server error during setup: {line[:200]}")
+                    raise BenchError(f"server error during setup: {json.dumps(msg)[:200]}")
         raise BenchError("no 'subscribed' among the first 100 frames")
 
     async def _read(self, sub: ClientSub) -> None:
@@ -207,10 +210,7 @@ class Worker:
                     continue
                 self.frames += 1
                 got = 0
-                for line in frame.split("\n"):
-                    if not line:
-                        continue
-                    msg = json.loads(line)
+                for msg in split_frame(frame):
                     kind = msg.get("type")
                     if kind == "message":
                         got += 1
@@ -726,10 +726,7 @@ async def publish(server: Server, messages: int, size: int, window: int, timeout
                     await ws.send(frames[sent])
                     sent += 1
                 frame = await ws.recv()
-                for line in str(frame).split("\n"):
-                    if not line:
-                        continue
-                    msg = json.loads(line)
+                for msg in split_frame(frame):
                     kind = msg.get("type")
                     if kind == "published":
                         figures["acks"] += 1
@@ -739,7 +736,7 @@ async def publish(server: Server, messages: int, size: int, window: int, timeout
                     elif kind == "ping":
                         await ws.send(dumps({"type": "pong", "id": msg["id"]}))
                     elif kind == "error" and len(figures["errors"]) < 5:
-                        figures["errors"].append(line[:300])
+                        figures["errors"].append(json.dumps(msg)[:300])
         return first_sent, last_ack, figures
     except TimeoutError:
         raise BenchError(f"publisher: {figures['acks']} of {messages} acks within {timeout:g}s") from None
