@@ -139,7 +139,10 @@ class MemoryBroker(Broker):
 
     def publish_now(self, channel: str, data: Any) -> PublishResult:
         """Synchronous publish: assign the offset, keep history, fan out."""
-        data_json = protocol.encode_json(data)  # ValueError for NaN/Infinity
+        try:
+            data_json = protocol.encode_json(data)
+        except RecursionError:
+            raise ValueError("data is nested too deeply") from None  # like NaN/Infinity: not plain JSON
         stream = self._stream(channel)
         now = self._clock()
         ts_ms = int(self._wall() * 1000)
