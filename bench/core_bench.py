@@ -665,12 +665,17 @@ async def run_memory(kind: str, opts: Options) -> Json:
         if live != n:
             result["problem"] = f"server reported {live} connections after settling, expected {n}"
     finally:
-        await close_workers(workers)
-        status = await server.stop()
-        result["server_exit_status"] = status
-        result["server_log_levels"] = dict(server.log_levels)
-        result["server_notable_logs"] = server.notable[:20]
+        await end_run(server, workers, result)
     return result
+
+
+
+async def end_run(server: Server, workers: Sequence[WorkerProcess], result: Json) -> None:
+    """Close the client workers and the server; record how the server ended."""
+    await close_workers(workers)
+    result["server_exit_status"] = await server.stop()
+    result["server_log_levels"] = dict(server.log_levels)
+    result["server_notable_logs"] = server.notable[:20]
 
 
 def payload(seq: int, size: int) -> Json:
@@ -823,11 +828,7 @@ async def run_fanout(kind: str, opts: Options) -> Json:
         workers = []
         result["client"] = merge_client_figures(closed)
     finally:
-        await close_workers(workers)
-        status = await server.stop()
-        result["server_exit_status"] = status
-        result["server_log_levels"] = dict(server.log_levels)
-        result["server_notable_logs"] = server.notable[:20]
+        await end_run(server, workers, result)
     return result
 
 

@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, WebSocketRoute
 
 from . import __version__
+from .api import api_routes
 from .broker import Broker, MemoryBroker, PublishResult
 from .config import Settings
 from .connection import State
@@ -175,8 +176,6 @@ class StableServer:
             await self.shutdown()
 
     def routes(self) -> list[BaseRoute]:
-        from .api import api_routes
-
         return [WebSocketRoute(self.settings.ws_path, self.endpoint), *api_routes(self)]
 
 
@@ -190,7 +189,6 @@ class StableApp:
         self.ws_path = server.settings.ws_path
         self.endpoint = server.endpoint
         self.starlette = Starlette(routes=server.routes(), lifespan=server.lifespan)
-        self.starlette.state.stable = server
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "websocket" and scope["path"] == self.ws_path:

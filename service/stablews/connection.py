@@ -4,8 +4,8 @@ how it is written, heartbeat and deadline checks, and the connection's figures.
 Outbound: everything the server sends goes through one FIFO queue. The
 `Flusher` (outbound.py) writes each connection's backlog once per loop
 iteration, joined into frames (messages separated by `\n`); a send that
-must wait for the peer's socket continues in a task, the `writer`, which
-drains the rest. While a writer waits, live publications beyond
+must wait for the peer's socket is finished by a task, the `writer`, which
+then goes on writing the same way. While a writer waits, live publications beyond
 `send_queue_max` close the connection 4003 after a `reconnect` advice, and
 nothing upstream waits.
 
@@ -250,12 +250,12 @@ class Connection:
             return (entry, 1) if entry.__class__ is str else entry  # type: ignore[return-value]
         entry = queue[0]
         text, count = (entry, 1) if entry.__class__ is str else entry  # type: ignore[misc]
-        limit = self.manager.max_frame_bytes
+        limit = self.manager.settings.max_frame_bytes
         taken = 1
-        if len(queue) > 1 and len(text) < limit:
+        if len(text) < limit:
             parts = [text]
             size = len(text)
-            for entry in queue[1:] if len(queue) <= 64 else queue[1:64]:
+            for entry in queue[1:64]:
                 nxt, n = (entry, 1) if entry.__class__ is str else entry  # type: ignore[misc]
                 size += len(nxt) + 1
                 if size > limit:
@@ -288,43 +288,43 @@ class Connection:
         A send the socket cannot take at once continues in a task: `writer`."""
         if self.writer is not None or self.state is State.CLOSED:
             return
-        send = self.send
         queue = self.queue
         try:
             while queue:
                 frame, count = self._take_frame()
-                coro = send({"type": "websocket.send", "text": frame})
-                pending = outbound.start(coro)
-                if pending is not None:
-                    self.writer = asyncio.get_running_loop().create_task(self._drain(coro, pending, frame, count))
+                if self._start_send({"type": "websocket.send", "text": frame}, frame, count):
                     return
                 self._sent(frame, count, now)
             if self.state is State.CLOSING and not self.close_sent:
-                coro = send(self._close_message())
-                pending = outbound.start(coro)
-                if pending is not None:
-                    self.writer = asyncio.get_running_loop().create_task(self._drain(coro, pending, "", 0))
+                self._start_send(self._close_message(), "", 0)
         except Exception as exc:  # the peer is gone; the receive loop sees the disconnect
             self._send_failed(exc)
 
+    def _start_send(self, message: dict[str, Any], frame: str, count: int) -> bool:
+        """Start a send in place; True when it must wait (a `writer` task finishes it)."""
+        coro = self.send(message)
+        pending = outbound.start(coro)
+        if pending is None:
+            return False
+        self.writer = asyncio.get_running_loop().create_task(self._drain(coro, pending, frame, count))
+        return True
+
     async def _drain(self, coro: Coroutine[Any, Any, Any], pending: Any, frame: str, count: int) -> None:
-        """Finish a send that had to wait, then write the rest of the backlog."""
-        send = self.send
+        """Finish a send that had to wait, then go on writing as `flush` does."""
+        failure: Exception | None = None
         try:
             await outbound.finish(coro, pending)
-            clock = self.manager.clock
-            if count:
-                self._sent(frame, count, clock())
-            while self.queue:
-                frame, count = self._take_frame()
-                await send({"type": "websocket.send", "text": frame})
-                self._sent(frame, count, clock())
-            if self.state is State.CLOSING and not self.close_sent:
-                await send(self._close_message())
         except Exception as exc:
-            self._send_failed(exc)
+            failure = exc
         finally:
             self.writer = None
+        if failure is not None:
+            self._send_failed(failure)
+            return
+        now = self.manager.clock()
+        if count:
+            self._sent(frame, count, now)
+        self.flush(now)
 
     def _send_failed(self, exc: Exception) -> None:
         """A send raised: the peer is gone (the receive loop will see the

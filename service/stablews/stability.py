@@ -78,7 +78,6 @@ class StabilityManager:
         self.scheduler = DeadlineScheduler(lambda conn, now: conn.check(now), clock)
         self.hooks = HookSet()
         self.flusher = Flusher(clock)
-        self.max_frame_bytes = settings.max_frame_bytes
         self._listeners: dict[str, list[EventCallback]] = {name: [] for name in EVENTS}
         self._listener_tasks: set[asyncio.Future[Any]] = set()
         self.housekeeping: list[Callable[[], None]] = []
