@@ -29,6 +29,15 @@ def _key_ok(server: StableServer, request: Request) -> bool:
     return hmac.compare_digest(given.encode(), server.settings.api_key.encode())
 
 
+def _write_refusal(server: StableServer, request: Request, action: str) -> JSONResponse | None:
+    """Actions that change something need the API key, and are off without one."""
+    if not server.settings.api_key:
+        return _error(403, f"{action} over HTTP is off: set api_key (STABLEWS_API_KEY) to enable it")
+    if not _key_ok(server, request):
+        return _error(401, "missing or wrong X-API-Key")
+    return None
+
+
 def _admin_refusal(server: StableServer, request: Request) -> JSONResponse | None:
     """Admin views need the API key when one is configured."""
     if server.settings.api_key and not _key_ok(server, request):
@@ -120,10 +129,9 @@ def api_routes(server: StableServer) -> list[BaseRoute]:
 
     async def disconnect(request: Request) -> JSONResponse:
         """Close one connection with 1000 (normal: the client should not come back on its own)."""
-        if not server.settings.api_key:
-            return _error(403, "closing connections over HTTP is off: set api_key (STABLEWS_API_KEY) to enable it")
-        if not _key_ok(server, request):
-            return _error(401, "missing or wrong X-API-Key")
+        refusal = _write_refusal(server, request, "closing connections")
+        if refusal:
+            return refusal
         conn = server.manager.live.get(request.path_params["conn_id"])
         if conn is None or conn.passive:
             return _error(404, "no such live connection")
@@ -132,10 +140,9 @@ def api_routes(server: StableServer) -> list[BaseRoute]:
 
     async def publish(request: Request) -> JSONResponse:
         settings = server.settings
-        if not settings.api_key:
-            return _error(403, "publishing over HTTP is off: set api_key (STABLEWS_API_KEY) to enable it")
-        if not _key_ok(server, request):
-            return _error(401, "missing or wrong X-API-Key")
+        refusal = _write_refusal(server, request, "publishing")
+        if refusal:
+            return refusal
         body = await _read_body(request, settings.max_message_bytes)
         if body is None:
             return _error(413, f"body exceeds max_message_bytes ({settings.max_message_bytes})")
