@@ -206,7 +206,10 @@ class Client:
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
         try:
-            return await asyncio.wait_for(self.inbox.get(), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the
+            # cancellation of a reader loop when a message arrives at that moment.
+            async with asyncio.timeout(timeout):
+                return await self.inbox.get()
         except TimeoutError:
             raise AssertionError(f"no message within {timeout}s (close code {self.close_code})") from None
 
@@ -218,7 +221,8 @@ class Client:
 
     async def wait_closed(self, timeout: float = 10.0) -> int | None:
         try:
-            await asyncio.wait_for(self.closed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.closed.wait()
         except TimeoutError:
             raise AssertionError(f"connection still open after {timeout}s") from None
         return self.close_code

@@ -95,8 +95,10 @@ class StableServer:
             conn.close(CloseCause.SHUTDOWN, after_ms=int(rng.uniform(0, spread) * 1000), deadline=deadline)
         remaining = [c for c in manager.live.values() if not c.passive]
         if remaining:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wait_empty(), timeout + 0.5)
+                async with asyncio.timeout(timeout + 0.5):
+                    await self._wait_empty()
         elapsed = time.monotonic() - started
         # Abandoned: the close could not complete by the deadline (the peer did not read).
         abandoned = sum(1 for c in connections if c.abandoned or c.state is not State.CLOSED)

@@ -44,6 +44,12 @@ async def test_health_turns_degraded_then_unhealthy_and_back(start_server):
     status, body = await health(server)
     assert status == 503 and body["status"] == "unhealthy"
 
+    async def events_at_least(name: str, wanted: int) -> bool:
+        return (await get_json(server.http + "/api/v1/websocket/stats"))["events"][name] >= wanted
+
+    # The endpoint scores live; the events come from the next sweep.
+    await wait_for(lambda: events_at_least("unhealthy_connection", 3), 10, "an event per unhealthy connection")
+
     for c in clients:
         c.answer_pings = True
     await wait_for(lambda: status_is("healthy"), 15, "healthy again")
@@ -52,7 +58,7 @@ async def test_health_turns_degraded_then_unhealthy_and_back(start_server):
     assert stats["connections"]["unhealthy"] == 0
     assert stats["events"]["unhealthy_connection"] >= 3
     # The sweep saw the fleet go bad and come back (it may skip "degraded" on a loaded machine).
-    assert stats["events"]["stability_alert"] >= 2
+    await wait_for(lambda: events_at_least("stability_alert", 2), 10, "alert raised and resolved")
     for c in clients:
         await c.close()
 
