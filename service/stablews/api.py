@@ -70,12 +70,17 @@ def api_routes(server: StableServer) -> list[BaseRoute]:
 
     async def health(request: Request) -> JSONResponse:
         fleet = server.manager.assess()
-        status = "unhealthy" if server.draining else fleet.status
+        upstream_problems = server.upstream_problems()
+        status = fleet.status
+        if upstream_problems and status == "healthy":
+            status = "degraded"  # local clients are served; some relayed channels are not
+        if server.draining:
+            status = "unhealthy"
         body = {
             "status": status,
             "draining": server.draining,
             "ready": server.ready,
-            "reasons": (["draining"] if server.draining else []) + list(fleet.reasons),
+            "reasons": (["draining"] if server.draining else []) + list(fleet.reasons) + upstream_problems,
             "connections": {
                 "total": fleet.total,
                 "healthy": fleet.healthy,

@@ -21,6 +21,8 @@ from .connection import State
 from .demo import run_demo_feed
 from .endpoint import WebSocketEndpoint
 from .protocol import CloseCause
+from .recovery import CircuitState
+from .relay import Relay, build_relays
 from .stability import StabilityManager
 
 log = logging.getLogger("stablews.app")
@@ -55,6 +57,7 @@ class StableServer:
         self.refused_origins = 0
         self.version = __version__
         self._tasks: list[asyncio.Task[Any]] = []
+        self.relays: list[Relay] = build_relays(self)
         self._drained: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -67,6 +70,8 @@ class StableServer:
         await self.broker.start()
         if self.settings.demo_feed:
             self._tasks.append(asyncio.create_task(run_demo_feed(self.broker, self.settings.demo_feed_rate)))
+        for relay in self.relays:
+            await relay.start()
         log.info("stablews started", extra={"instance": self.settings.instance_id, "version": self.version})
 
     @property
@@ -125,6 +130,8 @@ class StableServer:
     async def shutdown(self) -> dict[str, Any]:
         """Drain, stop the feeds and the broker. Safe to call more than once."""
         summary = await self.drain()
+        for relay in self.relays:
+            await relay.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -146,10 +153,28 @@ class StableServer:
         return self.manager.stability_report()
 
     def recovery_stats(self) -> dict[str, Any]:
-        return self.manager.recovery_stats()
+        """Resumes of this server's clients, and the recovery of each upstream relay."""
+        stats = self.manager.recovery_stats()
+        stats["upstreams"] = {relay.key: relay.recovery.stats() for relay in self.relays}
+        return stats
+
+    def upstream_problems(self) -> list[str]:
+        """Reasons the service is degraded because of its upstreams: a circuit not closed, a relay stopped."""
+        problems = []
+        for relay in self.relays:
+            if relay.recovery.circuit_state is not CircuitState.CLOSED:
+                problems.append(f"upstream {relay.key} circuit {relay.recovery.circuit_state}")
+            elif self.started and relay.state == "closed":
+                problems.append(f"upstream {relay.key} stopped: {relay.last_error or 'closed'}")
+        return problems
 
     def stats(self) -> dict[str, Any]:
         report = self.manager.stability_report()
+        upstream_problems = self.upstream_problems()
+        if upstream_problems:
+            report["reasons"] = [*report["reasons"], *upstream_problems]
+            if report["status"] == "healthy":
+                report["status"] = "degraded"
         if self.draining:
             report["status"] = "unhealthy"
             report["reasons"] = ["draining", *report["reasons"]]
@@ -161,8 +186,8 @@ class StableServer:
                 "draining": self.draining,
                 "recovery": self.recovery_stats(),
                 "broker": self.broker.stats(),
-                "circuit_breakers": {},
-                "upstreams": {},
+                "circuit_breakers": {relay.key: str(relay.recovery.circuit_state) for relay in self.relays},
+                "upstreams": [relay.stats() for relay in self.relays],
                 "refused": {"origin": self.refused_origins},
             }
         )

@@ -75,6 +75,12 @@ class Broker(ABC):
     def unsubscribe(self, channel: str, subscriber: Subscriber) -> None: ...
 
     @abstractmethod
+    def reset(self, channel: str) -> str:
+        """Drop the channel's history and give it a new epoch (its source lost
+        continuity). Every subscriber is told at once with an unrequested
+        `subscribed` (`recovered: false`), so it resynchronises. Returns the epoch."""
+
+    @abstractmethod
     def stats(self) -> dict[str, Any]: ...
 
     def sweep(self) -> None:  # noqa: B027 - optional housekeeping
@@ -124,6 +130,7 @@ class MemoryBroker(Broker):
         self._wall = wall_clock
         self.streams: dict[str, Stream] = {}
         self.published_total = 0
+        self.resets_total = 0
 
     def _stream(self, channel: str) -> Stream:
         stream = self.streams.get(channel)
@@ -198,6 +205,17 @@ class MemoryBroker(Broker):
         if stream is not None:
             stream.subscribers.discard(subscriber)
 
+    def reset(self, channel: str) -> str:
+        stream = self._stream(channel)
+        stream.epoch = new_epoch()
+        stream.top = 0
+        stream.history.clear()
+        self.resets_total += 1
+        frame = protocol.subscribed(channel, stream.epoch, 0, False, 0)
+        for subscriber in stream.subscribers:
+            subscriber.deliver(frame)
+        return stream.epoch
+
     def sweep(self) -> None:
         now = self._clock()
         for name in list(self.streams):
@@ -216,4 +234,5 @@ class MemoryBroker(Broker):
             "subscriptions": sum(len(s.subscribers) for s in self.streams.values()),
             "history_messages": sum(len(s.history) for s in self.streams.values()),
             "published_total": self.published_total,
+            "resets_total": self.resets_total,
         }

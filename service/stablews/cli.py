@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -10,14 +11,19 @@ from typing import Any
 from . import __version__, config, logs
 from .config import OPTIONS, ConfigError
 
+# The options `stablews client` reads (flags and STABLEWS_<NAME>).
+CLIENT_OPTIONS = (*(n for n, o in OPTIONS.items() if o.metadata["group"] == "recovery"), "enable_auto_recovery")
 
-def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+
+def _add_option_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
     groups = {
         "stability": parser.add_argument_group("stability manager"),
         "recovery": parser.add_argument_group("connection recovery"),
         "server": parser.add_argument_group("server"),
     }
     for name, option in OPTIONS.items():
+        if only is not None and name not in only:
+            continue
         group = groups[option.metadata["group"]]
         flag = "--" + name.replace("_", "-")
         kind: config.Kind = option.metadata["kind"]
@@ -39,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the service", description="Run the service under uvicorn.")
     serve.add_argument("--config", metavar="FILE", help="TOML file with options (flags and env win)")
     _add_option_flags(serve)
+    client = commands.add_parser(
+        "client",
+        help="subscribe and print every publication as a JSON line",
+        description="Connect with the project's client (heartbeats, reconnect, resume) and print every received "
+        "publication as one JSON line on stdout; lifecycle events go to stderr. Runs until interrupted.",
+    )
+    client.add_argument("url", help="the server's WebSocket URL, e.g. ws://127.0.0.1:8000/ws")
+    client.add_argument("--channel", action="append", required=True, metavar="C", help="channel (repeatable)")
+    client.add_argument("--token", help="token for the hello (when the server checks tokens)")
+    client.add_argument("--url", dest="more_urls", action="append", default=[], metavar="URL",
+                        help="another instance to move to on failure (repeatable)")
+    client.add_argument("--count", type=int, metavar="N", help="exit 0 after N publications")
+    client.add_argument("--open-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="handshake and welcome deadline per attempt (default 10)")
+    _add_option_flags(client, CLIENT_OPTIONS)
     return parser
 
 
@@ -58,7 +79,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .server import run
 
         return run(settings)
+    if args.command == "client":
+        try:
+            settings = config.load(flags=_flags(args), env=_client_env())
+        except ConfigError as exc:
+            print(f"stablews: invalid configuration: {exc}", file=sys.stderr)
+            return 2
+        from .tail import run_client
+
+        return run_client(args, settings)
     return 2
+
+
+def _client_env() -> dict[str, str]:
+    """Only the client's options from the environment: a server variable cannot break the client."""
+    names = {config.ENV_PREFIX + name.upper() for name in CLIENT_OPTIONS}
+    return {key: value for key, value in os.environ.items() if key in names}
 
 
 if __name__ == "__main__":

@@ -139,6 +139,12 @@ def _broker(v: str) -> str | None:
     return None if v == "memory" else "must be 'memory' (the only broker in this version)"
 
 
+def _upstreams(v: tuple[str, ...]) -> str | None:
+    from .relay import check_upstreams  # the syntax lives with the relays
+
+    return check_upstreams(v)
+
+
 def _score(v: float) -> str | None:
     return None if 0 <= v <= 100 else "must be between 0 and 100"
 
@@ -175,9 +181,16 @@ class Settings:
     enable_connection_pooling: bool = _opt(
         True, BOOL, "upstream relays share one connection per upstream URL", "stability"
     )
-    max_reconnect_attempts: int = _opt(5, INT, "reconnect attempts (upstream relays)", "stability", _at_least(0))
-    reconnect_delay: float = _opt(1.0, DURATION, "first reconnect delay (upstream relays)", "stability", _positive)
-    max_reconnect_delay: float = _opt(30.0, DURATION, "reconnect delay cap (upstream relays)", "stability", _positive)
+    max_reconnect_attempts: int = _opt(
+        5, INT, "accepted for compatibility; attempts are governed by max_retries", "stability", _at_least(0)
+    )
+    reconnect_delay: float = _opt(
+        1.0, DURATION, "upper bound of the reconnect advice after_ms (slow consumer, overload); least shutdown spread",
+        "stability", _positive,
+    )
+    max_reconnect_delay: float = _opt(
+        30.0, DURATION, "cap of the reconnect advice spread at shutdown", "stability", _positive
+    )
 
     # Connection recovery (client and upstream relay)
     max_retries: int = _opt(5, INT, "attempts per reconnect episode", "recovery", _at_least(0))
@@ -221,6 +234,10 @@ class Settings:
     demo_feed: bool = _opt(True, BOOL, "publish the demo.ticker channel", "server")
     demo_feed_rate: float = _opt(5.0, FLOAT, "demo.ticker messages per second", "server", _positive)
     instance_id: str = _opt("", STR, "this instance's id (default host-pid)", "server")
+    upstreams: tuple[str, ...] = _opt(
+        (), LIST, "upstream feeds relayed into local channels: URL#channel or URL#upstream>local;… (json+ws:// for "
+        "a plain JSON feed)", "server", _upstreams,
+    )
     per_message_deflate: bool = _opt(False, BOOL, "offer permessage-deflate (~40 KB per connection)", "server")
     log_level: str = _opt("info", STR, "debug, info, warning or error", "server")
 

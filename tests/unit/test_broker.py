@@ -386,3 +386,27 @@ async def test_publication_frames_are_valid_utf8():
         return
     for frame in sub.frames:
         frame.encode("utf-8")
+
+
+# ------------------------------------------------------------ reset (a relayed source lost continuity)
+
+
+async def test_reset_starts_a_new_epoch_and_tells_every_subscriber():
+    broker = make_broker()
+    a, b, other = Collector(), Collector(), Collector()
+    await broker.subscribe("feed", a, None)
+    await broker.subscribe("feed", b, None)
+    await broker.subscribe("other", other, None)
+    old = publish_many(broker, "feed", 3)[-1]
+    epoch = broker.reset("feed")
+    assert epoch != old.epoch
+    for sub in (a, b):
+        assert json.loads(sub.frames[-1]) == {
+            "type": "subscribed", "channel": "feed", "epoch": epoch, "offset": 0, "recovered": False, "replayed": 0,
+        }
+    assert other.frames == []
+    assert broker.publish_now("feed", "x").offset == 1  # the new stream starts at 1
+    late = Collector()
+    result = await broker.subscribe("feed", late, Position(old.epoch, old.offset))
+    assert result.recovered is False and result.replay == []  # the old history is gone, never half-replayed
+    assert broker.stats()["resets_total"] == 1
