@@ -70,17 +70,12 @@ def api_routes(server: StableServer) -> list[BaseRoute]:
 
     async def health(request: Request) -> JSONResponse:
         fleet = server.manager.assess()
-        upstream_problems = server.upstream_problems()
-        status = fleet.status
-        if upstream_problems and status == "healthy":
-            status = "degraded"  # local clients are served; some relayed channels are not
-        if server.draining:
-            status = "unhealthy"
+        status, reasons = server.service_status(fleet.status, list(fleet.reasons))
         body = {
             "status": status,
             "draining": server.draining,
             "ready": server.ready,
-            "reasons": (["draining"] if server.draining else []) + list(fleet.reasons) + upstream_problems,
+            "reasons": reasons,
             "connections": {
                 "total": fleet.total,
                 "healthy": fleet.healthy,

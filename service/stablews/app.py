@@ -168,16 +168,20 @@ class StableServer:
                 problems.append(f"upstream {relay.key} stopped: {relay.last_error or 'closed'}")
         return problems
 
+    def service_status(self, status: str, reasons: list[str]) -> tuple[str, list[str]]:
+        """The fleet's status and reasons with the server's own conditions added: an upstream
+        problem degrades a healthy service; a drain makes it unhealthy, whatever the figures."""
+        problems = self.upstream_problems()
+        if problems and status == "healthy":
+            status = "degraded"  # local clients are served; some relayed channels are not
+        reasons = [*reasons, *problems]
+        if self.draining:
+            return "unhealthy", ["draining", *reasons]
+        return status, reasons
+
     def stats(self) -> dict[str, Any]:
         report = self.manager.stability_report()
-        upstream_problems = self.upstream_problems()
-        if upstream_problems:
-            report["reasons"] = [*report["reasons"], *upstream_problems]
-            if report["status"] == "healthy":
-                report["status"] = "degraded"
-        if self.draining:
-            report["status"] = "unhealthy"
-            report["reasons"] = ["draining", *report["reasons"]]
+        report["status"], report["reasons"] = self.service_status(report["status"], report["reasons"])
         report.update(
             {
                 "instance": self.settings.instance_id,
