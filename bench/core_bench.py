@@ -37,69 +37,48 @@ import platform
 import resource
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
-from websockets.typing import Subprotocol
+from websockets.exceptions import ConnectionClosed
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
-BASELINE_APP = BENCH_DIR / "baseline_app.py"
+from benchlib import (
+    BENCH_DIR,
+    HOST,
+    KINDS,
+    SUBPROTOCOL,
+    BenchError,
+    ClientWorker,
+    Json,
+    ServerProcess,
+    WorkerProcess,
+    dumps,
+    emit,
+    http_get_json,
+    raise_nofile_limit,
+    run_bench,
+    service_revision,
+    split_frame,
+    start_workers,
+    stdin_reader,
+    wait_until,
+    workers_ready,
+)
+
+SCRIPT = Path(__file__).resolve()
 DEFAULT_OUTPUT = BENCH_DIR / "out" / "core_bench.json"
 
-HOST = "127.0.0.1"
-KINDS = ("bare", "stablews")
 IDLE_CHANNEL = "bench.idle"
 FANOUT_CHANNEL = "bench"
-SUBPROTOCOL = Subprotocol("stablews.v1")
 CLIENT_MAX_SIZE = 64 * 1024 * 1024
 MEMORY_GOAL = 1.10  # stablews/bare bytes per idle connection, at most
 FANOUT_GOAL = 1.0  # stablews/bare delivered messages/s, at least
-
-Json = dict[str, Any]
-
-
-
-def split_frame(frame: str | bytes) -> list[dict[str, Any]]:
-    """The messages of one server frame (a frame may carry several, one per line)."""
-    return [json.loads(line) for line in str(frame).split("\n") if line]
-
-
-class BenchError(Exception):
-    """A run that could not be measured (the message says why)."""
-
-
-def raise_nofile_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (children inherit it); return it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.25) -> None:
-    """Poll `check` until it is true; BenchError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if await check():
-            return
-        if time.monotonic() >= deadline:
-            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 # =================================================================== workers
@@ -124,18 +103,17 @@ class ClientSub:
         self.complete = False
 
 
-class Worker:
+class Worker(ClientWorker):
+    client = "core_bench"
+    max_size = CLIENT_MAX_SIZE
+    max_queue = None
+    abort_on_failure = False  # close the connection
+
     def __init__(self, spec: Json) -> None:
-        self.kind: str = spec["kind"]
-        self.url: str = spec["url"]
-        self.count: int = spec["count"]
-        self.channel: str = spec["channel"]
-        self.concurrency: int = spec["concurrency"]
-        self.open_timeout: float = spec["open_timeout"]
+        super().__init__(spec)
+        self.channel = spec["channel"]
         self.subs: list[ClientSub] = []
         self.tasks: set[asyncio.Task[None]] = set()
-        self.failed = 0
-        self.first_error: str | None = None
         self.frames = 0
         self.messages = 0
         self.first_recv: float | None = None
@@ -149,56 +127,12 @@ class Worker:
         self.all_done = asyncio.Event()
         self.closing = False
 
-    async def open_all(self) -> None:
-        gate = asyncio.Semaphore(self.concurrency)
-        await asyncio.gather(*(self._open(gate) for _ in range(self.count)))
-
-    async def _open(self, gate: asyncio.Semaphore) -> None:
-        async with gate:
-            try:
-                async with asyncio.timeout(self.open_timeout):
-                    ws = await connect(
-                        self.url,
-                        subprotocols=[SUBPROTOCOL],  # the same handshake for both servers
-                        compression=None,
-                        proxy=None,
-                        ping_interval=None,
-                        max_size=CLIENT_MAX_SIZE,
-                        max_queue=None,
-                        open_timeout=None,
-                        close_timeout=10,
-                    )
-                    try:
-                        if self.kind == "stablews":
-                            await ws.send(dumps({"type": "hello", "client": "core_bench"}))
-                            await ws.send(dumps({"type": "subscribe", "channel": self.channel}))
-                            await self._await_subscribed(ws)
-                    except BaseException:
-                        await ws.close()
-                        raise
-            except (OSError, TimeoutError, WebSocketException, BenchError) as exc:
-                self.failed += 1
-                if self.first_error is None:
-                    self.first_error = f"{type(exc).__name__}: {exc}"
-                return
+    def opened(self, ws: ClientConnection) -> None:
         sub = ClientSub(ws)
         self.subs.append(sub)
         task = asyncio.create_task(self._read(sub))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    async def _await_subscribed(self, ws: ClientConnection) -> None:
-        for _ in range(100):  # welcome, subscribed, perhaps a ping
-            frame = await ws.recv()
-            for msg in split_frame(frame):
-                kind = msg.get("type")
-                if kind == "subscribed":
-                    return
-                if kind == "ping":
-                    await ws.send(dumps({"type": "pong", "id": msg["id"]}))
-                elif kind == "error":
-                    raise BenchError(f"server error during setup: {json.dumps(msg)[:200]}")
-        raise BenchError("no 'subscribed' among the first 100 frames")
 
     async def _read(self, sub: ClientSub) -> None:
         ws = sub.ws
@@ -304,27 +238,10 @@ class Worker:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-def emit(obj: Json) -> None:
-    sys.stdout.write(dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 async def worker_main(spec: Json) -> int:
-    loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    stdin = await stdin_reader()
     worker = Worker(spec)
-    started = time.monotonic()
-    await worker.open_all()
-    emit(
-        {
-            "event": "ready",
-            "connected": len(worker.subs),
-            "failed": worker.failed,
-            "first_error": worker.first_error,
-            "seconds": round(time.monotonic() - started, 3),
-        }
-    )
+    await worker.open_and_report()
     while True:
         line = await stdin.readline()
         if not line:
@@ -340,90 +257,11 @@ async def worker_main(spec: Json) -> int:
     return 0
 
 
-class WorkerProcess:
-    """A worker as seen from the main process."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
-        self.proc = proc
-        self.name = name
-
-    @classmethod
-    async def start(cls, python: str, spec: Json, name: str) -> WorkerProcess:
-        proc = await asyncio.create_subprocess_exec(
-            python,
-            str(Path(__file__).resolve()),
-            "--worker",
-            dumps(spec),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            cwd=REPO_DIR,
-        )
-        return cls(proc, name)
-
-    async def event(self, name: str, timeout: float) -> Json:
-        assert self.proc.stdout is not None
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    line = await self.proc.stdout.readline()
-                    if not line:
-                        raise BenchError(f"{self.name} exited (status {await self.proc.wait()}) before '{name}'")
-                    msg: Json = json.loads(line)
-                    if msg.get("event") == name:
-                        return msg
-        except TimeoutError:
-            raise BenchError(f"{self.name}: no '{name}' within {timeout:g}s") from None
-
-    async def command(self, cmd: Json) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((dumps(cmd) + "\n").encode())
-        await self.proc.stdin.drain()
-
-    async def close(self, timeout: float = 90.0) -> Json | None:
-        """Close the worker's connections and let it exit; kill it if it does not."""
-        summary: Json | None = None
-        try:
-            if self.proc.returncode is None:
-                await self.command({"cmd": "close"})
-                summary = await self.event("closed", timeout)
-                await asyncio.wait_for(self.proc.wait(), 10)
-        except (BenchError, OSError, TimeoutError):
-            pass
-        finally:
-            if self.proc.returncode is None:
-                self.proc.kill()
-                await self.proc.wait()
-        return summary
-
-
-async def start_workers(
+async def start_clients(
     python: str, kind: str, url: str, total: int, processes: int, channel: str, open_timeout: float
 ) -> list[WorkerProcess]:
-    workers: list[WorkerProcess] = []
-    share, extra = divmod(total, processes)
-    for i in range(processes):
-        count = share + (1 if i < extra else 0)
-        if count == 0:
-            continue
-        spec = {
-            "kind": kind,
-            "url": url,
-            "count": count,
-            "channel": channel,
-            "concurrency": 64,
-            "open_timeout": open_timeout,
-        }
-        workers.append(await WorkerProcess.start(python, spec, f"{kind} worker {i}"))
-    return workers
-
-
-async def workers_ready(workers: Sequence[WorkerProcess], timeout: float) -> list[Json]:
-    ready = await asyncio.gather(*(w.event("ready", timeout) for w in workers))
-    failed = sum(r["failed"] for r in ready)
-    if failed:
-        first = next(r["first_error"] for r in ready if r["failed"])
-        raise BenchError(f"{failed} client connections failed to open; first error: {first}")
-    return ready
+    spec = {"url": url, "channel": channel, "concurrency": 64, "open_timeout": open_timeout}
+    return await start_workers(python, SCRIPT, kind, total, processes, spec)
 
 
 async def close_workers(workers: Sequence[WorkerProcess]) -> list[Json]:
@@ -434,68 +272,17 @@ async def close_workers(workers: Sequence[WorkerProcess]) -> list[Json]:
 # =================================================================== servers
 
 
-async def http_get_json(port: int, path: str, timeout: float = 10.0) -> Any:
-    """GET http://127.0.0.1:port/path and decode its JSON body (no client library needed)."""
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(HOST, port)
-        try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
-            raw = await reader.read()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1:2]
-    if status != [b"200"]:
-        raise BenchError(f"GET {path}: {head.splitlines()[0] if head else 'no answer'!r}")
-    return json.loads(body)
-
-
 @dataclass
-class Server:
-    kind: str
-    proc: asyncio.subprocess.Process
-    port: int = 0
+class Server(ServerProcess):
     log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=200))
     notable: list[str] = field(default_factory=list)
     log_levels: Counter[str] = field(default_factory=Counter)
-    drain_task: asyncio.Task[None] | None = None
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{HOST}:{self.port}/ws"
 
     @property
     def pub_url(self) -> str:
         return f"ws://{HOST}:{self.port}/ws" if self.kind == "stablews" else f"ws://{HOST}:{self.port}/pub"
 
-    @classmethod
-    async def start(cls, kind: str, python: str, client_publish: bool, timeout: float = 30.0) -> Server:
-        if kind == "stablews":
-            argv = [python, "-m", "stablews", "serve", "--host", HOST, "--port", "0", "--demo-feed", "false"]
-            if client_publish:
-                argv += ["--client-publish", "true"]
-        else:
-            argv = [python, str(BASELINE_APP), "--host", HOST, "--port", "0"]
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=REPO_DIR,
-        )
-        server = cls(kind, proc)
-        try:
-            server.port = await server._read_port(timeout)
-        except BaseException:
-            await server.stop()
-            raise
-        server.drain_task = asyncio.create_task(server._drain_stderr())
-        return server
-
-    def _keep(self, text: str) -> None:
+    def keep(self, text: str) -> None:
         self.log_tail.append(text)
         level = "other"
         with contextlib.suppress(ValueError, AttributeError):
@@ -504,30 +291,6 @@ class Server:
         noisy = level not in ("info", "debug") or "abnormally" in text
         if noisy and len(self.notable) < 50:
             self.notable.append(text[:500])
-
-    async def _read_port(self, timeout: float) -> int:
-        assert self.proc.stderr is not None
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    raw = await self.proc.stderr.readline()
-                    if not raw:
-                        tail = "\n".join(self.log_tail)
-                        raise BenchError(f"{self.kind} server exited before listening:\n{tail}")
-                    text = raw.decode(errors="replace").rstrip()
-                    self._keep(text)
-                    with contextlib.suppress(ValueError):
-                        entry = json.loads(text)
-                        if isinstance(entry, dict) and entry.get("msg") == "listening":
-                            return int(entry["port"])
-        except TimeoutError:
-            raise BenchError(f"{self.kind} server did not report a port within {timeout:g}s") from None
-
-    async def _drain_stderr(self) -> None:
-        """Keep reading the server's logs (a full pipe would block it), keeping the notable ones."""
-        assert self.proc.stderr is not None
-        while raw := await self.proc.stderr.readline():
-            self._keep(raw.decode(errors="replace").rstrip())
 
     def rss(self) -> int:
         return int(psutil.Process(self.proc.pid).memory_info().rss)
@@ -568,10 +331,13 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-        if self.drain_task is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self.drain_task, 5)
+        await self.join_reader()
         return proc.returncode
+
+
+async def start_server(kind: str, python: str, client_publish: bool) -> Server:
+    flags = ["--client-publish", "true"] if client_publish else []
+    return await Server.start(kind, python, flags, stdin=asyncio.subprocess.DEVNULL)
 
 
 def stablews_anomalies(stats: Json | None) -> Json:
@@ -624,13 +390,13 @@ class Options:
 
 async def run_memory(kind: str, opts: Options) -> Json:
     n = opts.connections
-    server = await Server.start(kind, opts.python, client_publish=False)
+    server = await start_server(kind, opts.python, client_publish=False)
     workers: list[WorkerProcess] = []
     result: Json = {"kind": kind, "connections": n}
     try:
         # Warm-up: the same client behaviour on a few connections, then closed,
         # so first-use allocations (imports, caches, pools) land before "before".
-        workers = await start_workers(opts.python, kind, server.ws_url, opts.warmup, 1, IDLE_CHANNEL, 30)
+        workers = await start_clients(opts.python, kind, server.ws_url, opts.warmup, 1, IDLE_CHANNEL, 30)
         await workers_ready(workers, 60)
         await server.wait_connections(opts.warmup, 30)
         await close_workers(workers)
@@ -640,7 +406,7 @@ async def run_memory(kind: str, opts: Options) -> Json:
 
         started = time.monotonic()
         open_timeout = 30 + n / 100
-        workers = await start_workers(opts.python, kind, server.ws_url, n, opts.processes, IDLE_CHANNEL, open_timeout)
+        workers = await start_clients(opts.python, kind, server.ws_url, n, opts.processes, IDLE_CHANNEL, open_timeout)
         ready = await workers_ready(workers, open_timeout + 30)
         await server.wait_connections(n, 60)
         open_seconds = time.monotonic() - started
@@ -766,7 +532,7 @@ def merge_client_figures(reports: Sequence[Json]) -> Json:
 
 async def run_fanout(kind: str, opts: Options) -> Json:
     subs, n = opts.subscribers, opts.messages
-    server = await Server.start(kind, opts.python, client_publish=True)
+    server = await start_server(kind, opts.python, client_publish=True)
     workers: list[WorkerProcess] = []
     result: Json = {
         "kind": kind,
@@ -777,7 +543,7 @@ async def run_fanout(kind: str, opts: Options) -> Json:
     }
     try:
         open_timeout = 30 + subs / 100
-        workers = await start_workers(
+        workers = await start_clients(
             opts.python, kind, server.ws_url, subs, opts.processes, FANOUT_CHANNEL, open_timeout
         )
         await workers_ready(workers, open_timeout + 30)
@@ -1003,20 +769,6 @@ def machine() -> Json:
     }
 
 
-def service_revision() -> Json:
-    """The commit measured, and whether service/ differs from it (others may be editing it)."""
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--", "service")
-    return {"commit": git("rev-parse", "--short", "HEAD"), "service_modified": None if status is None else bool(status)}
-
-
 # =================================================================== main
 
 
@@ -1060,15 +812,6 @@ async def bench(opts: Options, output: Path, argv: Sequence[str]) -> int:
     print(f"\nwrote {output}")
     failed = any("error" in run for m, _ in measures for kind in KINDS for run in results[m][kind])
     return 1 if failed else 0
-
-
-async def main_async(opts: Options, output: Path, argv: Sequence[str]) -> int:
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    # SIGTERM cancels the run, so every `finally` stops the servers and workers it started.
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    return await bench(opts, output, argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1127,11 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(opts.connections, opts.subscribers, opts.messages, opts.repeat, opts.warmup) < 1:
         print("core_bench: counts must be at least 1", file=sys.stderr)
         return 2
-    try:
-        return asyncio.run(main_async(opts, args.output, args_list))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("core_bench: interrupted (servers and workers stopped)", file=sys.stderr)
-        return 130
+    return run_bench("core_bench", lambda: bench(opts, args.output, args_list))
 
 
 if __name__ == "__main__":

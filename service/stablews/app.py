@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import Any
@@ -13,7 +16,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, WebSocketRoute
 
-from . import __version__
+from . import __version__, config
 from .api import api_routes
 from .broker import Broker, MemoryBroker, PublishResult
 from .config import Settings
@@ -59,6 +62,9 @@ class StableServer:
         self._tasks: list[asyncio.Task[Any]] = []
         self.relays: list[Relay] = build_relays(self)
         self._drained: dict[str, Any] | None = None
+        # Drain on the first SIGTERM/SIGINT before the host server's shutdown; off when the host
+        # (`stablews serve`) already drains first.
+        self.drain_on_signal = True
 
     # ------------------------------------------------------------ lifecycle
 
@@ -201,10 +207,53 @@ class StableServer:
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
         """Starlette lifespan: start, and drain at the end (`Starlette(lifespan=server.lifespan)`)."""
         await self.start()
+        restore = self._drain_before_host_shutdown() if self.drain_on_signal else None
         try:
             yield
         finally:
+            if restore is not None:
+                restore()
             await self.shutdown()
+
+    def _drain_before_host_shutdown(self) -> Callable[[], None] | None:
+        """Under a plain ASGI server (e.g. `uvicorn --factory stablews.app:create_app`), the lifespan
+        ends only after the server has already closed every socket (uvicorn: 1012 at once). So the
+        first SIGTERM/SIGINT drains here (advice, flush, 1001), then is handed to the server's own
+        handler; a second signal goes straight to it (uvicorn: force exit)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        loop = asyncio.get_running_loop()
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def pass_on(sig: int, frame: Any) -> None:
+            handler = previous[signal.Signals(sig)]
+            if callable(handler):
+                handler(sig, frame)
+            elif handler == signal.SIG_DFL:  # no host handler: end the way the default would
+                os._exit(128 + sig)
+
+        def on_signal(sig: int, frame: Any) -> None:
+            if self.draining:
+                pass_on(sig, frame)
+                return
+            self.draining = True  # readiness goes to 0 at once
+            log.info("signal received: draining before the server's shutdown", extra={"signal": sig})
+
+            async def drain_then_pass_on() -> None:
+                await self.drain()
+                pass_on(sig, None)
+
+            self._tasks.append(loop.create_task(drain_then_pass_on()))
+
+        for sig in previous:
+            signal.signal(sig, on_signal)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                if signal.getsignal(sig) is on_signal:
+                    signal.signal(sig, handler)
+
+        return restore
 
     def routes(self) -> list[BaseRoute]:
         return [WebSocketRoute(self.settings.ws_path, self.endpoint), *api_routes(self)]
@@ -229,7 +278,12 @@ class StableApp:
 
 
 def create_app(server: StableServer | Settings | None = None) -> StableApp:
-    """The ASGI app: the socket, the HTTP API, and a lifespan that starts and drains the server."""
+    """The ASGI app: the socket, the HTTP API, and a lifespan that starts and drains the server.
+
+    Without settings, they come from the `STABLEWS_*` environment (as for `stablews serve`), so
+    `uvicorn --factory stablews.app:create_app` is configured the same way."""
+    if server is None:
+        server = config.load()
     if not isinstance(server, StableServer):
         server = StableServer(server)
     return StableApp(server)

@@ -60,6 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--open-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="handshake and welcome deadline per attempt (default 10)")
     _add_option_flags(client, CLIENT_OPTIONS)
+    token = commands.add_parser(
+        "token",
+        help="print a signed token the service accepts",
+        description="Print a signed token: HS256 with --secret (the server's auth_secret), or RS256 with "
+        "--private-key (the server verifies with the matching auth_public_key).",
+    )
+    key = token.add_mutually_exclusive_group()
+    key.add_argument("--secret", help="HS256 secret (default: STABLEWS_AUTH_SECRET)")
+    key.add_argument("--private-key", metavar="FILE", help="RS256 private key, PEM")
+    token.add_argument("--sub", help="subject: who holds the token")
+    token.add_argument("--channels", nargs="+", action="extend", default=[], metavar="PATTERN",
+                       help="channel patterns it may subscribe to (md.*, md.>, >)")
+    token.add_argument("--publish", nargs="+", action="extend", default=[], metavar="PATTERN",
+                       help="channel patterns it may publish to")
+    token.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 12h (default 1h)")
+    token.add_argument("--issuer", default="", help="iss claim (when the server sets auth_issuer)")
+    token.add_argument("--audience", default="", help="aud claim (when the server sets auth_audience)")
     return parser
 
 
@@ -88,7 +105,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tail import run_client
 
         return run_client(args, settings)
+    if args.command == "token":
+        return _token(args)
     return 2
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import issue
+
+    try:
+        ttl = config.parse_duration(args.ttl)
+        if ttl < 1:
+            raise ValueError
+    except ValueError:
+        print(f"stablews: --ttl: expected a duration of at least 1s such as 30m or 1h, got {args.ttl!r}",
+              file=sys.stderr)
+        return 2
+    if args.private_key:
+        try:
+            with open(args.private_key) as fh:
+                key, algorithm = fh.read(), "RS256"
+        except OSError as exc:
+            print(f"stablews: cannot read {args.private_key}: {exc.strerror}", file=sys.stderr)
+            return 2
+    else:
+        key, algorithm = args.secret or os.environ.get(config.ENV_PREFIX + "AUTH_SECRET", ""), "HS256"
+        if not key:
+            print("stablews: give --secret (or STABLEWS_AUTH_SECRET) or --private-key", file=sys.stderr)
+            return 2
+        if len(key.encode()) < config.MIN_SECRET_LENGTH:
+            print(f"stablews: --secret: must be at least {config.MIN_SECRET_LENGTH} bytes long "
+                  "(HS256 needs a 256-bit secret)", file=sys.stderr)
+            return 2
+    try:
+        token = issue(key, algorithm=algorithm, subject=args.sub, channels=args.channels, publish=args.publish,
+                      ttl=ttl, issuer=args.issuer, audience=args.audience)
+    except Exception as exc:  # the library raises several types for a key it cannot use
+        what = "not an RSA private key in PEM form" if algorithm == "RS256" else str(exc)
+        print(f"stablews: cannot sign: {what} ({exc.__class__.__name__})", file=sys.stderr)
+        return 2
+    if not args.channels and not args.publish:
+        print("stablews: note: the token grants no channel (add --channels PATTERN)", file=sys.stderr)
+    print(token)
+    return 0
 
 
 def _client_env() -> dict[str, str]:

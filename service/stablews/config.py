@@ -111,8 +111,13 @@ STR = Kind(parse_str, "a string")
 LIST = Kind(parse_list, "a comma-separated list")
 
 
-def _opt(default: Any, kind: Kind, help: str, group: str, check: Callable[[Any], str | None] | None = None) -> Any:
-    return field(default=default, metadata={"kind": kind, "help": help, "group": group, "check": check})
+def _opt(
+    default: Any, kind: Kind, help: str, group: str, check: Callable[[Any], str | None] | None = None,
+    *, secret: bool = False,
+) -> Any:
+    return field(
+        default=default, metadata={"kind": kind, "help": help, "group": group, "check": check, "secret": secret}
+    )
 
 
 def _positive(v: float) -> str | None:
@@ -143,6 +148,27 @@ def _upstreams(v: tuple[str, ...]) -> str | None:
     from .relay import check_upstreams  # the syntax lives with the relays
 
     return check_upstreams(v)
+
+
+MIN_SECRET_LENGTH = 32  # HS256 wants a key of at least 256 bits (RFC 7518 3.2)
+
+
+def _secret(v: str) -> str | None:
+    if v and len(v.encode()) < MIN_SECRET_LENGTH:
+        return f"must be at least {MIN_SECRET_LENGTH} bytes long (HS256 needs a 256-bit secret)"
+    return None
+
+
+def _public_key(v: str) -> str | None:
+    if not v:
+        return None
+    from .auth import Authenticator  # the key format lives with the verifier
+
+    try:
+        Authenticator(public_key=v)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _score(v: float) -> str | None:
@@ -225,7 +251,28 @@ class Settings:
     )
     client_publish: bool = _opt(False, BOOL, "clients may publish", "server")
     allowed_origins: tuple[str, ...] = _opt((), LIST, "Origin values accepted at the handshake (empty: any)", "server")
-    api_key: str = _opt("", STR, "key for POST /api/v1/publish and the admin endpoints", "server")
+    api_key: str = _opt("", STR, "key for POST /api/v1/publish and the admin endpoints", "server", secret=True)
+    auth_secret: str = _opt(
+        "", STR, "HS256 secret (32+ bytes): tokens are required and verified with it", "server", _secret,
+        secret=True,
+    )
+    auth_public_key: str = _opt(
+        "", STR, "RS256 public key (PEM text or file path): tokens are required and verified with it", "server",
+        _public_key,
+    )
+    auth_issuer: str = _opt("", STR, "required token issuer (iss), when set", "server")
+    auth_audience: str = _opt("", STR, "required token audience (aud), when set", "server")
+    auth_leeway: float = _opt(0.0, DURATION, "clock skew allowed on exp and nbf", "server", _at_least(0))
+    max_connections_per_address: int = _opt(
+        0, INT, "live connections from one client address before 1013 (0: no limit)", "server", _at_least(0)
+    )
+    rate_limit: float = _opt(
+        500.0, FLOAT, "inbound messages per second per connection (0: no limit)", "server", _at_least(0)
+    )
+    rate_limit_burst: int = _opt(
+        1000, INT, "messages a connection may send at once; as many refused in a row close it 4008", "server",
+        _at_least(1),
+    )
     shutdown_timeout: float = _opt(10.0, DURATION, "drain deadline on SIGTERM/SIGINT", "server", _positive)
     close_timeout: float = _opt(
         5.0, DURATION, "how long a close may wait on a peer that does not read", "server", _positive
@@ -271,14 +318,15 @@ def convert(name: str, raw: Any, source: str) -> Any:
     if option is None:
         raise ConfigError(f"unknown option '{name}' in {source}")
     kind: Kind = option.metadata["kind"]
+    shown = "a value not shown here" if option.metadata["secret"] else repr(raw)  # never echo a secret
     try:
         value = kind.parse(raw)
     except (ValueError, TypeError):
-        raise ConfigError(f"{name}: expected {kind.accepts}, got {raw!r} (from {source})") from None
+        raise ConfigError(f"{name}: expected {kind.accepts}, got {shown} (from {source})") from None
     check = option.metadata["check"]
     problem = check(value) if check else None
     if problem:
-        raise ConfigError(f"{name}: {problem}, got {raw!r} (from {source})")
+        raise ConfigError(f"{name}: {problem}, got {shown} (from {source})")
     return value
 
 

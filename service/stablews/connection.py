@@ -23,6 +23,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 from . import health, outbound, protocol
+from .auth import OPEN, AuthError, Grants
 from .broker import Broker, BrokerUnavailable, SubscribeResult
 from .protocol import CloseCause, ErrorCode, ProtocolError
 
@@ -42,6 +43,7 @@ _UNREACHABLE = frozenset(
     {CloseCause.SLOW_CONSUMER, CloseCause.HEARTBEAT_TIMEOUT, CloseCause.IDLE_TIMEOUT, CloseCause.HELLO_TIMEOUT}
 )
 BAD_MESSAGE_WINDOW = 60.0
+RATE_PAUSE = 1.0  # seconds without a dropped message that end a rate-limited stretch
 
 
 class State(IntEnum):
@@ -85,6 +87,7 @@ class Connection:
         "err_ratio",
         "errors",
         "frames_out",
+        "grants",
         "hb_late",
         "hb_missed",
         "hb_ok",
@@ -111,6 +114,10 @@ class Connection:
         "ping_seq",
         "pong_deadline",
         "queue",
+        "rate_at",
+        "rate_dropped_at",
+        "rate_refused",
+        "rate_tokens",
         "rtt_ewma",
         "rtt_last",
         "sched_due",
@@ -168,6 +175,12 @@ class Connection:
         self.hello_done = passive
         self.hello_deadline = now + settings.hello_timeout
         self.channels: list[str] = []  # a few at most: a list is a third of a set's size
+        # None until a token is verified, when authentication is on
+        self.grants: Grants | None = None if manager.auth.enabled and not passive else OPEN
+        self.rate_tokens = float(settings.rate_limit_burst)
+        self.rate_at = now
+        self.rate_refused = 0
+        self.rate_dropped_at = -_INF
         # heartbeat figures
         self.ping_seq = 0
         self.ping_in_flight = False
@@ -374,6 +387,9 @@ class Connection:
             return
         self.abandoned = True
         self.note("abandoned", "close did not complete in time")
+        # A peer that stopped reading would hold the socket, its buffers and a file
+        # descriptor for as long as it likes: a graceful close waits for it to read.
+        outbound.abort_transport(self.send)
         current = asyncio.current_task()
         if self.writer is not None and self.writer is not current:
             self.writer.cancel()
@@ -410,12 +426,26 @@ class Connection:
         if now >= idle_due:
             self.close(CloseCause.IDLE_TIMEOUT)
             return self.close_deadline
+        left = self._token_left()
+        if left is not None:
+            if left <= 0:
+                self.refuse(ErrorCode.UNAUTHORIZED, "token expired")
+                self.close(CloseCause.UNAUTHORIZED)
+                return self.close_deadline
+            idle_due = min(idle_due, now + left)  # wake up when the token runs out
         if now >= self.next_ping_at:
             self._send_ping(now)
         due = self.next_ping_at if self.next_ping_at < idle_due else idle_due
         if self.ping_in_flight and self.pong_deadline < due:
             due = self.pong_deadline
         return due
+
+    def _token_left(self) -> float | None:
+        """Seconds until the token stops being accepted (its expiry plus `auth_leeway`)."""
+        grants = self.grants
+        if grants is None or grants.expires_at is None:
+            return None
+        return grants.expires_at + self.manager.auth.leeway - self.manager.wall()
 
     def _send_ping(self, now: float) -> None:
         settings = self.manager.settings
@@ -516,6 +546,8 @@ class Connection:
 
     async def on_text(self, text: str) -> None:
         now = self.count_inbound(protocol.text_size(text))
+        if self.manager.settings.rate_limit > 0 and not self._within_rate(now):
+            return
         try:
             message = protocol.parse(text, self.manager.limits)
         except ProtocolError as exc:
@@ -541,6 +573,54 @@ class Connection:
         elif kind is protocol.Publish:
             await self._publish(message)  # type: ignore[arg-type]
 
+    def _within_rate(self, now: float) -> bool:
+        """Token bucket: `rate_limit` messages/s, bursts of `rate_limit_burst`. Over it, messages are
+        dropped, and the first drop of a stretch says so with one `error`. A stretch ends after
+        RATE_PAUSE seconds without a drop; one that drops more than a burst closes 4008, so a
+        sender that stays over the rate is closed however close to the rate it stays."""
+        settings = self.manager.settings
+        tokens = self.rate_tokens + (now - self.rate_at) * settings.rate_limit
+        burst = settings.rate_limit_burst
+        self.rate_at = now
+        if tokens >= 1.0:
+            self.rate_tokens = (tokens if tokens < burst else burst) - 1.0
+            return True
+        self.rate_tokens = tokens
+        if now - self.rate_dropped_at > RATE_PAUSE:
+            self.rate_refused = 0
+        self.rate_dropped_at = now
+        self.rate_refused += 1
+        if self.rate_refused > burst:
+            self.record_error(ErrorCode.RATE_LIMITED)
+            self.close(CloseCause.RATE_LIMITED)
+        elif self.rate_refused == 1:
+            self.refuse(
+                ErrorCode.RATE_LIMITED,
+                f"over {settings.rate_limit:g} messages/s: messages are dropped until the rate falls; "
+                f"more than {burst} dropped without a {RATE_PAUSE:g} s pause close the connection (4008)",
+            )
+        else:
+            self.record_error(ErrorCode.RATE_LIMITED)
+        return False
+
+    def refuse(self, code: ErrorCode, message: str, ref: str | int | None = None, channel: str | None = None) -> None:
+        """Answer with `error` without counting toward the bad-input close (1008)."""
+        self.record_error(code)
+        self.push(protocol.error(code, message, ref, channel))
+        self.note("error", f"{code}: {message[:80]}")
+
+    def authenticate(self, token: str | None) -> bool:
+        """Verify a token (handshake or hello); a bad one ends the connection with 4401. The
+        error's ref is "hello" either way: the client's login step, whichever way the token came."""
+        try:
+            self.grants = self.manager.auth.verify(token or "")
+        except AuthError as exc:
+            self.refuse(ErrorCode.UNAUTHORIZED, str(exc), "hello")
+            self.close(CloseCause.UNAUTHORIZED)
+            return False
+        self.note("authenticated", self.grants.subject or "")
+        return True
+
     def record_error(self, code: ErrorCode) -> None:
         self.errors += 1
         self.err_ratio = health.ewma(self.err_ratio, 1.0)
@@ -549,7 +629,7 @@ class Connection:
     def reject(self, exc: ProtocolError) -> None:
         """Answer bad input with `error`; close 1009 or 1008 when it must end."""
         self.record_error(exc.code)
-        self.push(protocol.error(exc.code, exc.message, exc.ref))
+        self.push(protocol.error(exc.code, exc.message, exc.ref, exc.channel))
         self.note("error", f"{exc.code}: {exc.message[:80]}")
         if exc.code is ErrorCode.TOO_LARGE:
             self.close(CloseCause.TOO_LARGE)
@@ -570,9 +650,17 @@ class Connection:
         settings = manager.settings
         now = manager.clock()
         self.hello_done = True
+        # A token in hello wins over one given at the handshake; with auth on, one is needed.
+        needs_token = manager.auth.enabled and (hello.token is not None or self.grants is None)
+        if needs_token and not self.authenticate(hello.token):
+            return
         self.client_name = hello.client
         self.next_ping_at = now + settings.heartbeat_interval
-        manager.scheduler.schedule(self, min(self.next_ping_at, now + settings.connection_timeout))
+        due = min(self.next_ping_at, now + settings.connection_timeout)
+        left = self._token_left()
+        if left is not None:
+            due = min(due, now + left)
+        manager.scheduler.schedule(self, due)
         self.push(
             protocol.welcome(
                 self.id,
@@ -615,6 +703,10 @@ class Connection:
                 )
             )
             return None
+        assert self.grants is not None
+        if not self.grants.may_subscribe(channel):
+            self.refuse(ErrorCode.FORBIDDEN, f"not allowed to subscribe to {channel}", "subscribe", channel)
+            return None
         assert self.broker is not None
         self.channels.append(channel)
         result = await self.broker.subscribe(channel, self, since)
@@ -632,7 +724,9 @@ class Connection:
 
     def _unsubscribe(self, channel: str) -> None:
         if channel not in self.channels:
-            self.reject(ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}", "unsubscribe"))
+            self.reject(
+                ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}", "unsubscribe", channel)
+            )
             return
         self.channels.remove(channel)
         assert self.broker is not None
@@ -643,7 +737,11 @@ class Connection:
     async def _publish(self, message: protocol.Publish) -> None:
         ref = message.id if message.id is not None else "publish"
         if not self.manager.settings.client_publish:
-            self.reject(ProtocolError(ErrorCode.FORBIDDEN, "clients may not publish (client_publish is off)", ref))
+            self.refuse(ErrorCode.FORBIDDEN, "clients may not publish (client_publish is off)", ref, message.channel)
+            return
+        assert self.grants is not None
+        if not self.grants.may_publish(message.channel):
+            self.refuse(ErrorCode.FORBIDDEN, f"not allowed to publish to {message.channel}", ref, message.channel)
             return
         assert self.broker is not None
         try:
@@ -699,6 +797,7 @@ class Connection:
                 "port": self.client_port,
                 "user_agent": self.user_agent,
                 "name": self.client_name,
+                "subject": self.grants.subject if self.grants is not None else None,
             },
             "opened_at": self.opened_wall,
             "duration_seconds": round(end - self.opened_mono, 3),

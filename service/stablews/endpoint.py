@@ -7,9 +7,10 @@ import re
 import secrets
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 from .connection import Connection, Receive, Send
-from .protocol import SUBPROTOCOL, CloseCause
+from .protocol import SUBPROTOCOL, CloseCause, ErrorCode
 
 if TYPE_CHECKING:
     from .app import StableServer
@@ -21,6 +22,21 @@ def header(scope: MutableMapping[str, Any], name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
             return value.decode("latin-1")
+    return None
+
+
+def handshake_token(scope: MutableMapping[str, Any]) -> str | None:
+    """`Authorization: Bearer <token>`, else the `token` query parameter (browsers cannot set headers)."""
+    authorization = header(scope, b"authorization")
+    if authorization is not None:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    query = scope.get("query_string", b"")
+    if query:
+        values = parse_qs(query.decode("latin-1"), max_num_fields=20).get("token")
+        if values:
+            return values[0]
     return None
 
 
@@ -56,7 +72,9 @@ class WebSocketEndpoint:
             await _refuse(scope, send, 503, "draining: reconnect to another instance\n")
             return
         origin = header(scope, b"origin")
-        if settings.allowed_origins and origin not in settings.allowed_origins:
+        # Browsers always send Origin, so a request without it is no browser's: the check,
+        # which keeps other sites' pages off the socket, has nothing to say about it.
+        if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
             server.refused_origins += 1
             await _refuse(scope, send, 403, "origin not allowed\n")
             return
@@ -74,9 +92,19 @@ class WebSocketEndpoint:
             subprotocol=subprotocol,
         )
         over_limit = len(manager.live) >= settings.max_connections
+        address = conn.client_address
+        per_address = settings.max_connections_per_address
+        over_address = bool(per_address and address is not None and manager.per_address[address] >= per_address)
         manager.register(conn)
         if over_limit:
             conn.close(CloseCause.OVERLOADED)
+        elif over_address:
+            conn.refuse(ErrorCode.RATE_LIMITED, f"too many connections from {address} (limit {per_address})")
+            conn.close(CloseCause.OVERLOADED)
+        elif manager.auth.enabled:
+            token = handshake_token(scope)
+            if token is not None:
+                conn.authenticate(token)  # a bad one is answered 4401; otherwise hello may still bring one
         await conn.run(receive)
 
 

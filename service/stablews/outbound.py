@@ -102,3 +102,18 @@ async def finish(coro: Coroutine[Any, Any, Any], pending: _Pending) -> None:
             awaiting = _received(coro.send(None))
         except StopIteration:
             return
+
+
+def abort_transport(send: Callable[..., Any]) -> bool:
+    """Drop the TCP connection behind an ASGI `send` at once, unsent data and all.
+
+    ASGI has no abort: a close waits until the peer has read what is buffered,
+    which a peer that stopped reading never does. Under uvicorn the `send` is a
+    method of the protocol object, which holds the transport; elsewhere this
+    does nothing (False) and the server's transport closes the socket when it can."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    if not isinstance(transport, asyncio.BaseTransport) or abort is None:
+        return False
+    abort()
+    return True

@@ -8,7 +8,9 @@ every rule of protocol.md can be tested with plain values.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
@@ -86,11 +88,14 @@ class ErrorCode(StrEnum):
 class ProtocolError(Exception):
     """A client message the server answers with an `error` message."""
 
-    def __init__(self, code: ErrorCode, message: str, ref: str | int | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, ref: str | int | None = None, channel: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.ref = ref
+        self.channel = channel
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,8 @@ class Limits:
     max_token_length: int = 8192
     max_resume_channels: int = 100
     max_epoch_length: int = 64
+    max_json_depth: int = 32  # arrays/objects inside one another, the message itself included
+    max_number_length: int = 32  # characters of one number literal (a 64-bit id has 20)
 
 
 DEFAULT_LIMITS = Limits()
@@ -170,9 +177,14 @@ def parse(text: str, limits: Limits = DEFAULT_LIMITS) -> ClientMessage:
             ErrorCode.TOO_LARGE, f"message exceeds max_message_bytes ({limits.max_message_bytes})"
         )
     try:
-        obj = json.loads(text)
+        obj = _decoder(limits.max_number_length).decode(text)
+    except _NumberError as exc:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"invalid JSON: {_short(exc)}") from None
+    # Counting brackets is C-fast; only a message that could be too deep is walked.
+    if text.count("[") + text.count("{") > limits.max_json_depth and _depth(obj) > limits.max_json_depth:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"JSON nested deeper than {limits.max_json_depth} levels")
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message must be a JSON object")
     kind = obj.get("type")
@@ -189,6 +201,51 @@ def parse(text: str, limits: Limits = DEFAULT_LIMITS) -> ClientMessage:
 
 class _FieldError(Exception):
     pass
+
+
+class _NumberError(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+@functools.lru_cache(maxsize=8)
+def _decoder(max_number_length: int) -> json.JSONDecoder:
+    """A decoder that refuses NaN/Infinity, numbers longer than the limit and floats out of range."""
+
+    def parse_int(literal: str) -> int:
+        if len(literal) > max_number_length:
+            raise _NumberError(f"number longer than {max_number_length} characters")
+        return int(literal)
+
+    def parse_float(literal: str) -> float:
+        if len(literal) > max_number_length:
+            raise _NumberError(f"number longer than {max_number_length} characters")
+        value = float(literal)
+        if math.isinf(value):
+            raise _NumberError(f"number out of range: {literal}")
+        return value
+
+    return json.JSONDecoder(parse_int=parse_int, parse_float=parse_float, parse_constant=_reject_constant)
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 def _short(exc: BaseException) -> str:
@@ -389,10 +446,12 @@ def pong(ident: str | int) -> str:
     return encode({"type": "pong", "id": ident})
 
 
-def error(code: ErrorCode, message: str, ref: str | int | None = None) -> str:
+def error(code: ErrorCode, message: str, ref: str | int | None = None, channel: str | None = None) -> str:
     body: dict[str, Any] = {"type": "error", "code": str(code), "message": message}
     if ref is not None:
         body["ref"] = ref
+    if channel is not None:  # which channel a refusal is about (forbidden, not_subscribed)
+        body["channel"] = channel
     return encode(body)
 
 

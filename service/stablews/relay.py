@@ -28,7 +28,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -70,6 +70,7 @@ class UpstreamSpec:
     kind: str  # "stablews" | "json"
     routes: tuple[Route, ...]
     text: str
+    token: str | None = None  # a stablews upstream's `?token=`, kept out of the URL shown in stats and logs
 
 
 def parse_upstream(text: str) -> UpstreamSpec:
@@ -99,7 +100,15 @@ def parse_upstream(text: str) -> UpstreamSpec:
         routes.append(Route(source, local))
     if not routes:
         raise ValueError(f"{entry!r} names no channel: add #channel or #upstream_channel>local_channel")
-    return UpstreamSpec(url, kind, tuple(routes), entry)
+    token = None
+    if kind == "stablews" and parts.query:
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        tokens = [value for name, value in query if name == "token"]
+        if tokens:
+            token = tokens[-1]
+            rest = urlencode([(name, value) for name, value in query if name != "token"])
+            url = urlunsplit(parts._replace(query=rest))
+    return UpstreamSpec(url, kind, tuple(routes), entry, token)
 
 
 def check_upstreams(entries: Sequence[str]) -> str | None:
@@ -207,7 +216,11 @@ class StablewsRelay(Relay):
                 if route.local not in locals_:
                     locals_.append(route.local)
         self.client = StableClient(
-            url, channels=list(self.targets), policy=self.policy, name=f"stablews-relay/{server.settings.instance_id}"
+            url,
+            channels=list(self.targets),
+            policy=self.policy,
+            name=f"stablews-relay/{server.settings.instance_id}",
+            token=specs[0].token,
         )
         self.client.on("message", self._on_message)
         self.client.on("resync", self._on_resync)
@@ -349,10 +362,10 @@ def build_relays(server: StableServer) -> list[Relay]:
     specs = [parse_upstream(entry) for entry in settings.upstreams]
     groups: list[tuple[str, str, list[UpstreamSpec]]] = []
     if settings.enable_connection_pooling:
-        by_key: dict[tuple[str, str], list[UpstreamSpec]] = {}
-        for spec in specs:
-            by_key.setdefault((spec.kind, spec.url), []).append(spec)
-        groups = [(kind, url, group) for (kind, url), group in by_key.items()]
+        by_key: dict[tuple[str, str, str | None], list[UpstreamSpec]] = {}
+        for spec in specs:  # one connection speaks for one token: entries with other tokens get their own
+            by_key.setdefault((spec.kind, spec.url, spec.token), []).append(spec)
+        groups = [(kind, url, group) for (kind, url, _), group in by_key.items()]
     else:
         groups = [(spec.kind, spec.url, [spec]) for spec in specs]
     relays: list[Relay] = []

@@ -8,6 +8,7 @@ exit 0. A second signal exits at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -20,6 +21,9 @@ from .app import StableServer, create_app
 from .config import Settings
 
 log = logging.getLogger("stablews.server")
+
+# At most this long after the drain, upgrades that arrived before the listener closed get their 503.
+UPGRADE_ANSWER_WAIT = 1.0
 
 
 class StableUvicorn(uvicorn.Server):
@@ -52,7 +56,29 @@ class StableUvicorn(uvicorn.Server):
         for server in self.servers:
             server.close()  # no new sockets while draining
         await self.stable.drain()
+        await self._answer_pending_upgrades(UPGRADE_ANSWER_WAIT)
         await super().shutdown(sockets)
+
+    async def _answer_pending_upgrades(self, timeout: float) -> None:
+        """Let the endpoint answer (503) the upgrades that came in before the listener closed.
+
+        uvicorn's shutdown answers a WebSocket handshake the app has not answered yet with
+        HTTP 500, and the app's own 503 then fails with "Exception in ASGI application". The
+        endpoint answers in the first step of its task, so this takes a loop iteration or two."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await asyncio.sleep(0)
+        while any(_upgrade_pending(c) for c in self.server_state.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+
+
+def _upgrade_pending(protocol: object) -> bool:
+    """A WebSocket handshake received but not answered by the app yet (uvicorn's websockets-sansio)."""
+    return (
+        getattr(protocol, "handshake_initiated", False)
+        and not getattr(protocol, "handshake_complete", True)
+        and getattr(protocol, "initial_response", None) is None
+    )
 
 
 def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
@@ -75,6 +101,7 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
 
 def run(settings: Settings) -> int:
     stable = StableServer(settings)
+    stable.drain_on_signal = False  # StableUvicorn drains before uvicorn's shutdown itself
     server = StableUvicorn(uvicorn_config(create_app(stable), settings), stable)
     server.run()
     return 0 if server.started else 1

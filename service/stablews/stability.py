@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import health
+from .auth import Authenticator
 from .broker import SubscribeResult
 from .connection import Connection, State
 from .health import FleetHealth
@@ -60,6 +61,8 @@ class StabilityManager:
         self.settings = settings
         self.clock = clock
         self.wall = wall
+        self.auth = Authenticator.from_settings(settings)
+        self.per_address: Counter[str] = Counter()  # live connections by client address
         self.limits = Limits(
             max_message_bytes=settings.max_message_bytes,
             max_resume_channels=settings.max_channels_per_connection,
@@ -134,6 +137,8 @@ class StabilityManager:
 
     def register(self, conn: Connection) -> None:
         self.live[conn.id] = conn
+        if conn.client_address is not None:
+            self.per_address[conn.client_address] += 1
         self.opened_total += 1
         if len(self.live) > self.peak_connections:
             self.peak_connections = len(self.live)
@@ -142,7 +147,12 @@ class StabilityManager:
         self.hooks.on_open(conn)
 
     def connection_closed(self, conn: Connection) -> None:
-        self.live.pop(conn.id, None)
+        if self.live.pop(conn.id, None) is not None and conn.client_address is not None:
+            left = self.per_address[conn.client_address] - 1
+            if left > 0:
+                self.per_address[conn.client_address] = left
+            else:
+                del self.per_address[conn.client_address]
         self.scheduler.cancel(conn)
         score, state = conn.compute_health(conn.closed_mono or self.clock())
         conn.health_score, conn.health_state = score, state

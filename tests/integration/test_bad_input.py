@@ -71,6 +71,7 @@ async def test_bad_message_gets_error_and_the_connection_keeps_working(bystander
     error = await client.recv_type("error")
     assert error["code"] == code
     assert error.get("ref") == ref
+    assert error.get("channel") == ("never.joined" if code == "not_subscribed" else None)  # which channel, if any
     assert error["message"]
     await client.send({"type": "ping", "id": "still-there"})
     assert await client.recv_type("pong") == {"type": "pong", "id": "still-there"}

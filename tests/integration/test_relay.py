@@ -14,6 +14,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from faultproxy import FaultProxy
+from stablews import auth
 from stablews.client import StableClient
 from stablews.recovery import RecoveryPolicy
 from support import ServerProcess, get_json, wait_for
@@ -234,3 +235,44 @@ async def test_a_relay_closed_for_good_upstream_shows_in_health(start_server: Ca
     health = await get_json(f"{relay.http}/api/v1/websocket/health")
     assert health["status"] == "degraded"
     assert health["reasons"] == [f"upstream {upstream.ws} stopped: disconnected: 1000 normal"]
+
+
+async def test_a_relay_follows_an_upstream_that_requires_a_token(start_server: Callable[..., ServerProcess]) -> None:
+    secret = "relay-test-secret-0123456789abcdefghij"
+    upstream = start_server("--demo-feed-rate", "50", env={"STABLEWS_AUTH_SECRET": secret})
+    token = auth.issue(secret, subject="relay-eu", channels=["demo.>"], ttl=3600)
+    relay = start_server("--demo-feed", "false", *RELAY_RECOVERY,
+                         "--upstreams", f"{upstream.ws}?token={token}#demo.ticker>relay.ticker")
+    client = StableClient(relay.ws, channels=["relay.ticker"])
+    async with client:
+        got = []
+        async with asyncio.timeout(20):
+            async for message in client:
+                got.append(message)
+                if len(got) == 5:
+                    break
+    assert [m["channel"] for m in got] == ["relay.ticker"] * 5
+    stats = await get_json(f"{relay.http}/api/v1/websocket/stats")
+    (upstream_stats,) = stats["upstreams"]
+    assert upstream_stats["url"] == upstream.ws and token not in json.dumps(stats)  # the token is not shown
+    assert upstream_stats["state"] == "connected"
+
+
+async def test_a_relay_whose_token_is_refused_stops_and_health_says_why(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    secret = "relay-test-secret-0123456789abcdefghij"
+    upstream = start_server("--demo-feed-rate", "20", env={"STABLEWS_AUTH_SECRET": secret})
+    forged = auth.issue("another-secret-entirely-0123456789abcdef", subject="relay-eu", channels=[">"], ttl=3600)
+    relay = start_server("--demo-feed", "false", *RELAY_RECOVERY,
+                         "--upstreams", f"{upstream.ws}?token={forged}#demo.ticker")
+
+    async def stopped() -> dict[str, Any] | None:
+        (entry,) = (await get_json(f"{relay.http}/api/v1/websocket/stats"))["upstreams"]
+        return entry if entry["state"] == "closed" else None
+
+    entry = await wait_for(stopped, 20, "the relay to stop")
+    assert "4401" in json.dumps(entry) and forged not in json.dumps(entry)
+    health = await get_json(f"{relay.http}/api/v1/websocket/health")
+    assert health["status"] == "degraded"
+    assert health["reasons"] == [f"upstream {upstream.ws} stopped: disconnected: 4401 unauthorized"]

@@ -69,7 +69,7 @@ async def test_publish_is_refused_when_client_publish_is_off(start_server):
     client, _ = await hello_client(server.ws)
     await client.send({"type": "publish", "channel": "x", "data": 1, "id": "a"})
     error = await client.recv_type("error")
-    assert error["code"] == "forbidden" and error["ref"] == "a"
+    assert error["code"] == "forbidden" and error["ref"] == "a" and error["channel"] == "x"
     await client.send({"type": "ping", "id": 1})
     assert (await client.recv_type("pong"))["id"] == 1
     await client.close()

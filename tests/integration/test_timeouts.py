@@ -72,7 +72,7 @@ async def test_messages_before_hello_are_refused(start_server):
 async def test_a_client_that_never_reads_gets_4003_and_others_see_no_gap(start_server):
     server = start_server(
         "--send-queue-max", "20", "--close-timeout", "30s", "--client-publish", "true", "--demo-feed", "false",
-        "--heartbeat-interval", "30s",
+        "--heartbeat-interval", "30s", "--rate-limit", "0",  # the publisher floods on purpose
     )
     # The slow client's socket has a tiny receive buffer, and the client stops
     # reading once its own small queue is full: the server's writes then block.

@@ -327,3 +327,13 @@ def test_replace_keeps_checks():
     assert base.replace(heartbeat_interval=60.0).heartbeat_interval == 60.0
     with pytest.raises(ConfigError):
         base.replace(heartbeat_timeout=31.0)
+
+
+@pytest.mark.parametrize("name", ["auth_secret", "api_key"])
+def test_a_refused_secret_is_never_echoed(name):
+    # api_key accepts any string: give it the wrong type through a TOML-like value instead
+    raw = "tooshort-s3cr3t" if name == "auth_secret" else 12345
+    with pytest.raises(ConfigError) as caught:
+        load(flags={name: raw}, env={})
+    line = str(caught.value)
+    assert line.startswith(f"{name}: ") and str(raw) not in line and "not shown" in line

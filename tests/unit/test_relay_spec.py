@@ -55,3 +55,15 @@ def test_bad_entries_are_refused_with_a_reason(entry: str, says: str) -> None:
 def test_upstreams_from_environment_are_a_comma_separated_list() -> None:
     settings = load(env={"STABLEWS_UPSTREAMS": "ws://a:1/ws#x>y;z, json+ws://b:2/f#feed"})
     assert settings.upstreams == ("ws://a:1/ws#x>y;z", "json+ws://b:2/f#feed")
+
+
+def test_a_token_in_a_stablews_url_is_taken_out_of_it() -> None:
+    spec = parse_upstream("ws://md-1:8000/ws?region=eu&token=abc.def.ghi#prices")
+    assert spec.url == "ws://md-1:8000/ws?region=eu"  # what stats, health and logs show
+    assert spec.token == "abc.def.ghi"  # what the relay's client sends (Authorization and hello)
+    assert parse_upstream("ws://md-1:8000/ws#prices").token is None
+
+
+def test_a_json_feed_url_keeps_its_query() -> None:
+    spec = parse_upstream("json+ws://feed.example/x?token=theirs#*>md.all")
+    assert spec.url == "ws://feed.example/x?token=theirs" and spec.token is None
