@@ -7,7 +7,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .broker import BrokerUnavailable
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 API = "/api/v1"
 MAX_CONNECTIONS_LISTED = 1000
+CLOSE_CAUSES = frozenset(str(cause) for cause in CloseCause)
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -118,6 +119,32 @@ def api_routes(server: StableServer) -> list[BaseRoute]:
                 break
         return JSONResponse({"total": len(manager.live), "returned": len(listed), "connections": listed})
 
+    async def drops(request: Request) -> JSONResponse:
+        refusal = _admin_refusal(server, request)
+        if refusal:
+            return refusal
+        recorder = server.telemetry.drops
+        try:
+            limit = int(request.query_params.get("limit", str(recorder.size)))
+        except ValueError:
+            return _error(400, "limit must be a whole number")
+        if not 1 <= limit <= recorder.size:
+            return _error(400, f"limit must be between 1 and {recorder.size} (flight_recorder_size)")
+        cause = request.query_params.get("cause") or None
+        if cause is not None and cause not in CLOSE_CAUSES:
+            return _error(400, f"unknown cause {cause[:40]!r}; causes are {', '.join(sorted(CLOSE_CAUSES))}")
+        listed = recorder.records(limit, cause)
+        return JSONResponse(
+            {"kept": recorder.size, "recorded_total": recorder.recorded_total, "returned": len(listed), "drops": listed}
+        )
+
+    async def metrics(request: Request) -> Response:
+        exporter = server.telemetry.metrics
+        if exporter is None:
+            return _error(404, "metrics are off (metrics_enabled = false)")
+        body, content_type = exporter.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
     async def connection(request: Request) -> JSONResponse:
         refusal = _admin_refusal(server, request)
         if refusal:
@@ -172,4 +199,6 @@ def api_routes(server: StableServer) -> list[BaseRoute]:
         Route(f"{API}/websocket/connections/{{conn_id}}", connection),
         Route(f"{API}/websocket/connections/{{conn_id}}", disconnect, methods=["DELETE"]),
         Route(f"{API}/publish", publish, methods=["POST"]),
+        Route(f"{API}/websocket/drops", drops),
+        Route("/metrics", metrics),
     ]

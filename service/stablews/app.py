@@ -27,6 +27,7 @@ from .protocol import CloseCause
 from .recovery import CircuitState
 from .relay import Relay, build_relays
 from .stability import StabilityManager
+from .telemetry import Telemetry
 
 log = logging.getLogger("stablews.app")
 
@@ -48,7 +49,10 @@ class StableServer:
         broker: Broker | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        tracer_provider: Any = None,
     ) -> None:
+        """`tracer_provider`: an OpenTelemetry TracerProvider to trace connections with
+        (otherwise the `OTEL_*` environment decides)."""
         self.settings = settings or Settings()
         s = self.settings
         self.manager = StabilityManager(s, clock=clock, wall=wall)
@@ -65,6 +69,7 @@ class StableServer:
         # Drain on the first SIGTERM/SIGINT before the host server's shutdown; off when the host
         # (`stablews serve`) already drains first.
         self.drain_on_signal = True
+        self.telemetry = Telemetry(self, tracer_provider=tracer_provider)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -73,6 +78,7 @@ class StableServer:
             return
         self.started = True
         self.manager.start()
+        self.telemetry.start()
         await self.broker.start()
         if self.settings.demo_feed:
             self._tasks.append(asyncio.create_task(run_demo_feed(self.broker, self.settings.demo_feed_rate)))
@@ -119,7 +125,7 @@ class StableServer:
             "messages_flushed": sum(c.messages_out for c in connections) - sent_before,
             "drain_seconds": round(elapsed, 3),
         }
-        manager.hooks.on_shutdown(len(connections), elapsed)
+        manager.hooks.on_shutdown(dict(self._drained))
         log.info("drain finished", extra=self._drained)
         return self._drained
 
@@ -147,6 +153,7 @@ class StableServer:
         if self.started:
             await self.broker.stop()
             self.manager.stop()
+            await self.telemetry.stop()
             self.started = False
         return summary
 
@@ -199,6 +206,7 @@ class StableServer:
                 "circuit_breakers": {relay.key: str(relay.recovery.circuit_state) for relay in self.relays},
                 "upstreams": [relay.stats() for relay in self.relays],
                 "refused": {"origin": self.refused_origins},
+                "telemetry": self.telemetry.stats(),
             }
         )
         return report

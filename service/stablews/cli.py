@@ -20,6 +20,7 @@ def _add_option_flags(parser: argparse.ArgumentParser, only: Sequence[str] | Non
         "stability": parser.add_argument_group("stability manager"),
         "recovery": parser.add_argument_group("connection recovery"),
         "server": parser.add_argument_group("server"),
+        "telemetry": parser.add_argument_group("telemetry"),
     }
     for name, option in OPTIONS.items():
         if only is not None and name not in only:

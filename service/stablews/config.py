@@ -287,6 +287,17 @@ class Settings:
     )
     per_message_deflate: bool = _opt(False, BOOL, "offer permessage-deflate (~40 KB per connection)", "server")
     log_level: str = _opt("info", STR, "debug, info, warning or error", "server")
+    metrics_enabled: bool = _opt(True, BOOL, "serve Prometheus metrics at GET /metrics", "telemetry")
+    heartbeat_span_ratio: float = _opt(
+        0.01, FLOAT, "share of successful heartbeats recorded as ws.heartbeat spans (late and missed: all)",
+        "telemetry", _ratio,
+    )
+    flight_recorder_size: int = _opt(
+        1000, INT, "abnormal closes kept for GET /api/v1/websocket/drops", "telemetry", _at_least(1)
+    )
+    event_loop_lag_interval: float = _opt(
+        0.5, DURATION, "how often the event-loop lag is sampled (0: off)", "telemetry", _at_least(0)
+    )
 
     def __post_init__(self) -> None:
         if not self.instance_id:

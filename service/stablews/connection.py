@@ -67,6 +67,7 @@ class Connection:
     __slots__ = (
         "__weakref__",
         "abandoned",
+        "auth_result",
         "bad_count",
         "bad_window_start",
         "broker",
@@ -83,6 +84,7 @@ class Connection:
         "close_sent",
         "closed_mono",
         "closed_wall",
+        "closing_mono",
         "dirty",
         "err_ratio",
         "errors",
@@ -113,6 +115,7 @@ class Connection:
         "ping_sent_at",
         "ping_seq",
         "pong_deadline",
+        "previous_trace_id",
         "queue",
         "rate_at",
         "rate_dropped_at",
@@ -122,9 +125,11 @@ class Connection:
         "rtt_last",
         "sched_due",
         "send",
+        "span_id",
         "state",
         "subprotocol",
         "task",
+        "telemetry",
         "timeline",
         "trace_id",
         "user_agent",
@@ -141,6 +146,7 @@ class Connection:
         client: tuple[str, int] | None = None,
         user_agent: str | None = None,
         trace_id: str | None = None,
+        span_id: str | None = None,
         subprotocol: str | None = None,
         passive: bool = False,
     ) -> None:
@@ -163,11 +169,15 @@ class Connection:
         self.user_agent = user_agent
         self.client_name: str | None = None
         self.trace_id = trace_id
+        self.span_id = span_id
+        self.previous_trace_id: str | None = None
+        self.telemetry: dict[str, Any] | None = None  # state of the telemetry hooks (hooks.py)
         self.subprotocol = subprotocol
         self.opened_mono = now
         self.opened_wall = manager.wall()
         self.closed_mono: float | None = None
         self.closed_wall: float | None = None
+        self.closing_mono: float | None = None
         self.close_cause: CloseCause | None = None
         self.close_code: int | None = None
         self.close_initiator: str | None = None
@@ -177,6 +187,7 @@ class Connection:
         self.channels: list[str] = []  # a few at most: a list is a third of a set's size
         # None until a token is verified, when authentication is on
         self.grants: Grants | None = None if manager.auth.enabled and not passive else OPEN
+        self.auth_result = "pending" if self.grants is None else "off"  # then "ok" or "refused"
         self.rate_tokens = float(settings.rate_limit_burst)
         self.rate_at = now
         self.rate_refused = 0
@@ -207,6 +218,10 @@ class Connection:
         self.timeline: list[tuple[float, str, str]] = []  # "open" is implied by opened_wall
 
     # ------------------------------------------------------------ figures
+
+    def log_fields(self) -> dict[str, Any]:
+        """What every log line about this connection carries, to find its trace."""
+        return {"connection": self.id, "trace_id": self.trace_id, "span_id": self.span_id}
 
     def note(self, event: str, detail: str = "") -> None:
         """Add to the lifecycle timeline (bounded: the first entries and the latest)."""
@@ -348,13 +363,15 @@ class Connection:
         if gone:
             log.debug("send failed on %s: %r", self.id, exc)
         else:
-            log.warning("send failed on %s: %r", self.id, exc, extra={"connection": self.id})
+            log.warning("send failed on %s: %r", self.id, exc, extra=self.log_fields())
         if self.state is State.OPEN:
             if gone:
                 self.close_cause, self.close_code, self.close_initiator = CloseCause.CLIENT_GONE, 1006, "client"
             else:
                 self.close_cause, self.close_code, self.close_initiator = CloseCause.ERROR, 1011, "server"
             self.state = State.CLOSING
+            self.closing_mono = self.manager.clock()
+            self.manager.hooks.on_closing(self)
         self.abandon()
 
     def close(self, cause: CloseCause, *, after_ms: int | None = None, deadline: float | None = None) -> None:
@@ -375,7 +392,8 @@ class Connection:
             self.queue.append(protocol.reconnect(str(cause), after_ms))
         self.state = State.CLOSING
         self.note("closing", f"{cause} ({self.close_code})")
-        now = manager.clock()
+        now = self.closing_mono = manager.clock()
+        manager.hooks.on_closing(self)
         self.close_deadline = deadline if deadline is not None else now + settings.close_timeout
         manager.scheduler.schedule(self, self.close_deadline)
         if self.writer is None and not self.dirty and not self.passive:
@@ -517,7 +535,7 @@ class Connection:
                         try:
                             await self.on_text(text)
                         except Exception:  # a bug must end this connection only, and say so
-                            log.exception("internal error on %s", self.id, extra={"connection": self.id})
+                            log.exception("internal error on %s", self.id, extra=self.log_fields())
                             self.record_error(ErrorCode.INTERNAL)
                             self.push(protocol.error(ErrorCode.INTERNAL, "internal error"))
                             self.close(CloseCause.ERROR)
@@ -615,9 +633,11 @@ class Connection:
         try:
             self.grants = self.manager.auth.verify(token or "")
         except AuthError as exc:
+            self.auth_result = "refused"
             self.refuse(ErrorCode.UNAUTHORIZED, str(exc), "hello")
             self.close(CloseCause.UNAUTHORIZED)
             return False
+        self.auth_result = "ok"
         self.note("authenticated", self.grants.subject or "")
         return True
 
@@ -655,6 +675,7 @@ class Connection:
         if needs_token and not self.authenticate(hello.token):
             return
         self.client_name = hello.client
+        self.previous_trace_id = hello.previous_trace_id
         self.next_ping_at = now + settings.heartbeat_interval
         due = min(self.next_ping_at, now + settings.connection_timeout)
         left = self._token_left()

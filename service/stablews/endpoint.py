@@ -89,6 +89,7 @@ class WebSocketEndpoint:
             client=scope.get("client"),
             user_agent=header(scope, b"user-agent"),
             trace_id=trace_id_from(header(scope, b"traceparent")),
+            span_id=secrets.token_hex(8),  # the connection's own span; tracing, when on, replaces both
             subprotocol=subprotocol,
         )
         over_limit = len(manager.live) >= settings.max_connections

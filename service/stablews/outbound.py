@@ -25,15 +25,21 @@ class Flushable(Protocol):
 
 
 class Flusher:
-    """Runs `flush()` of every connection marked since the last loop iteration."""
+    """Runs `flush()` of every connection marked since the last loop iteration.
 
-    __slots__ = ("_clock", "_dirty", "_loop", "_scheduled")
+    `report(latency, conn)`, when given, hears after each pass how long its oldest
+    mark waited (publication to the end of the writes): one sample a pass, not one
+    a message or a connection."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    __slots__ = ("_clock", "_dirty", "_first_mark", "_loop", "_report", "_scheduled")
+
+    def __init__(self, clock: Callable[[], float], report: Callable[[float, Any], None] | None = None) -> None:
         self._clock = clock
         self._dirty: list[Flushable] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._report = report
+        self._first_mark = 0.0
 
     def mark(self, conn: Flushable) -> None:
         conn.dirty = True
@@ -43,6 +49,8 @@ class Flusher:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
             self._loop.call_soon(self._run)
+            if self._report is not None:
+                self._first_mark = self._clock()
 
     def _run(self) -> None:
         dirty, self._dirty = self._dirty, []
@@ -54,6 +62,8 @@ class Flusher:
                 conn.flush(now)
             except Exception:  # one connection's bug must not stall everyone else's output
                 log.exception("flush failed")
+        if self._report is not None and dirty:
+            self._report(self._clock() - self._first_mark, dirty[0])
 
 
 def start(coro: Coroutine[Any, Any, Any]) -> Any:

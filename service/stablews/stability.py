@@ -80,7 +80,7 @@ class StabilityManager:
         self.closed: deque[Connection] = deque(maxlen=settings.closed_records_max)
         self.scheduler = DeadlineScheduler(lambda conn, now: conn.check(now), clock)
         self.hooks = HookSet()
-        self.flusher = Flusher(clock)
+        self.flusher = Flusher(clock, self._delivered)
         self._listeners: dict[str, list[EventCallback]] = {name: [] for name in EVENTS}
         self._listener_tasks: set[asyncio.Future[Any]] = set()
         self.housekeeping: list[Callable[[], None]] = []
@@ -133,6 +133,10 @@ class StabilityManager:
             except Exception:
                 log.exception("listener of %s failed", event)
 
+    def _delivered(self, latency: float, conn: Any) -> None:
+        if self.hooks:
+            self.hooks.on_delivery(latency, conn)
+
     # ------------------------------------------------------------ registry
 
     def register(self, conn: Connection) -> None:
@@ -166,7 +170,7 @@ class StabilityManager:
             log.info(
                 "connection closed abnormally",
                 extra={
-                    "connection": conn.id,
+                    **conn.log_fields(),
                     "cause": cause,
                     "code": conn.close_code,
                     "initiator": conn.close_initiator,
@@ -174,7 +178,8 @@ class StabilityManager:
                     "missed_heartbeats": conn.missed_in_a_row,
                     "rtt_ms": None if conn.rtt_last is None else round(conn.rtt_last * 1000, 1),
                     "health_score": score,
-                    "trace_id": conn.trace_id,
+                    "messages_in": conn.messages_in,
+                    "messages_out": conn.messages_out,
                 },
             )
 
@@ -228,7 +233,7 @@ class StabilityManager:
                 self.replayed_messages += len(result.replay)
             else:
                 self.resumes_not_recovered += 1
-        self.hooks.on_subscribe(conn, channel, result)
+        self.hooks.on_subscribe(conn, channel, since, result)
 
     # ------------------------------------------------------------ the sweep
 
@@ -278,6 +283,8 @@ class StabilityManager:
                 },
             )
         self.fleet = fleet
+        if self.hooks:
+            self.hooks.on_sweep([c for c in self.live.values() if c.state is State.OPEN], now)
         self._prune_closed()
         for task in self.housekeeping:
             try:
