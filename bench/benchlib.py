@@ -10,7 +10,7 @@ The scripts are run as `python bench/<name>.py`, so this module is importable as
   subprotocol for both servers; on stablews `hello`, `subscribe` and wait for `subscribed`, pings
   answered) and prints the `ready` event; `WorkerProcess` is a worker as seen from the main process
   (JSON events on its stdout, commands on its stdin);
-- `dumps`, `emit`, `split_frame`, `wait_until`, `http_get_json`, `raise_nofile_limit`,
+- `dumps`, `emit`, `split_frame`, `wait_until`, `http_get`, `http_get_json`, `raise_nofile_limit`,
   `service_revision`, `run_bench`.
 """
 
@@ -104,12 +104,24 @@ def _unchunk(body: bytes) -> bytes:
     return out
 
 
-async def http_get_json(port: int, path: str, timeout: float = 10.0) -> Any:
-    """GET http://127.0.0.1:port/path and decode its JSON body (no client library needed)."""
+@dataclass
+class HttpAnswer:
+    status: int  # 0: no status line
+    status_line: str
+    headers: dict[str, str]  # names in lower case
+    body: bytes  # de-chunked
+
+
+async def http_get(port: int, path: str, headers: Mapping[str, str] | None = None, timeout: float = 10.0) -> HttpAnswer:
+    """GET http://127.0.0.1:port/path (HTTP/1.1, Connection: close) with extra `headers`; the whole
+    exchange within `timeout` seconds (TimeoutError after it)."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(HOST, port)
         try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{extra}Connection: close\r\n\r\n".encode()
+            )
             await writer.drain()
             raw = await reader.read()
         finally:
@@ -117,12 +129,25 @@ async def http_get_json(port: int, path: str, timeout: float = 10.0) -> Any:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
     head, _, body = raw.partition(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1:2]
-    if status != [b"200"]:
-        raise BenchError(f"GET {path}: {head.splitlines()[0] if head else 'no answer'!r}")
-    if b"chunked" in head.lower():
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    fields: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            fields[name.strip().lower()] = value.strip()
+    if "chunked" in fields.get("transfer-encoding", "").lower():
         body = _unchunk(body)
-    return json.loads(body)
+    return HttpAnswer(status, lines[0], fields, body)
+
+
+async def http_get_json(port: int, path: str, timeout: float = 10.0) -> Any:
+    """GET http://127.0.0.1:port/path and decode its JSON body (no client library needed)."""
+    answer = await http_get(port, path, timeout=timeout)
+    if answer.status != 200:
+        raise BenchError(f"GET {path}: {answer.status_line or 'no answer'!r}")
+    return json.loads(answer.body)
 
 
 def service_revision() -> Json:

@@ -340,6 +340,11 @@ async def start_server(kind: str, python: str, client_publish: bool) -> Server:
     return await Server.start(kind, python, flags, stdin=asyncio.subprocess.DEVNULL)
 
 
+# How run_memory and run_fanout start their server: (kind, python, client_publish) -> a started Server.
+# bench/telemetry_bench.py passes its own (stablews with telemetry off or on, scraped while it runs).
+ServerStarter = Callable[[str, str, bool], Awaitable[Server]]
+
+
 def stablews_anomalies(stats: Json | None) -> Json:
     """The figures of a stablews stats answer that show trouble (closes, errors, missed heartbeats)."""
     if not stats:
@@ -388,9 +393,9 @@ class Options:
     only: str
 
 
-async def run_memory(kind: str, opts: Options) -> Json:
+async def run_memory(kind: str, opts: Options, start: ServerStarter = start_server) -> Json:
     n = opts.connections
-    server = await start_server(kind, opts.python, client_publish=False)
+    server = await start(kind, opts.python, False)
     workers: list[WorkerProcess] = []
     result: Json = {"kind": kind, "connections": n}
     try:
@@ -530,9 +535,9 @@ def merge_client_figures(reports: Sequence[Json]) -> Json:
     }
 
 
-async def run_fanout(kind: str, opts: Options) -> Json:
+async def run_fanout(kind: str, opts: Options, start: ServerStarter = start_server) -> Json:
     subs, n = opts.subscribers, opts.messages
-    server = await start_server(kind, opts.python, client_publish=True)
+    server = await start(kind, opts.python, True)
     workers: list[WorkerProcess] = []
     result: Json = {
         "kind": kind,
@@ -568,6 +573,8 @@ async def run_fanout(kind: str, opts: Options) -> Json:
                 "received": received,
                 "expected": n * subs,
                 "seconds": round(seconds, 4),
+                "first_sent_monotonic": first_sent,
+                "last_recv_monotonic": last_recv,
                 "publish_ack_seconds": round(last_ack - first_sent, 4),
                 "frames_received": frames,
                 "messages_per_frame": round(received / frames, 2) if frames else None,

@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -101,7 +102,10 @@ class StableClient:
         max_frame_bytes: int = 16 * 1024 * 1024,
         rng: Uniform | None = None,
         headers: Mapping[str, str] | None = None,
+        tracer_provider: Any = None,
     ) -> None:
+        """`tracer_provider`: the OpenTelemetry TracerProvider for the client's spans (default:
+        the global one; without an SDK, tracing is a no-op)."""
         chosen = list(urls or ([] if url is None else [url]))
         if not chosen:
             raise ValueError("give a url or urls=[...]")
@@ -152,6 +156,7 @@ class StableClient:
         self.replayed = 0
         self.drops = 0
         self.last_close: dict[str, Any] | None = None
+        self._tracing = _ClientTracing(tracer_provider)
 
     # ------------------------------------------------------------ public surface
 
@@ -210,6 +215,7 @@ class StableClient:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._tracing.end_episode("closed")
         self._set_state("closed")
         self._end()
 
@@ -299,6 +305,7 @@ class StableClient:
                 try:
                     delay = recovery.next_delay()
                 except GiveUp as exc:
+                    self._tracing.end_episode("gave_up")
                     self._stop(ClientClosed(f"recovery gave up: {exc}"))
                     return
                 if delay > 0:
@@ -307,6 +314,7 @@ class StableClient:
                         "url": self._next_url_preview(), "circuit": str(recovery.circuit_state),
                     })
                     await asyncio.sleep(delay)
+                    self._tracing.waited += delay
                 if not recovery.start_attempt():
                     continue
                 try:
@@ -317,6 +325,7 @@ class StableClient:
                     if self._closing:
                         return
                     if drop.final:  # 1000 ends the stream normally; the others are errors
+                        self._tracing.end_episode("final_close")
                         await self._emit("disconnected", dict(self.last_close or {}))
                         normal = drop.code == CloseCode.NORMAL
                         self._stop(None if normal else ClientClosed(f"closed by the server: {drop}", drop.code))
@@ -326,8 +335,10 @@ class StableClient:
                         self._set_state("reconnecting")
                         await self._emit("disconnected", dict(self.last_close or {}))
                         recovery.lost(self._advice)
+                        self._tracing.begin_episode(str(drop) or "dropped", new_count=True)
                     else:
                         recovery.failed()
+                        self._tracing.attempt_failed(str(drop) or "failed")
                         self._rotate_url()
                         if self.state == "connected":
                             self._set_state("reconnecting")
@@ -336,6 +347,7 @@ class StableClient:
             raise
         except Exception as exc:  # a bug must not leave the application waiting forever
             log.exception("client loop failed")
+            self._tracing.end_episode("failed")
             if self._ws is not None:
                 self._ws.transport.abort()
             self._stop(ClientClosed(f"client failed: {exc!r}"))
@@ -348,14 +360,25 @@ class StableClient:
             self._url_index = (self._url_index + 1) % len(self.urls)
 
     async def _session(self) -> None:
-        """One connection from open to drop. Raises _Dropped (with `.verified`) when it ends."""
+        """One connection from open to drop. Raises _Dropped (with `.verified`) when it ends.
+        The attempt is the `ws.client.connect` span, until the connection is verified."""
         url = self.url = self.urls[self._url_index % len(self.urls)]
         if self.state == "closed":
             self._set_state("connecting")
-        verified = False
         headers = dict(self.headers)
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        self._tracing.start_connect(url, headers)  # injects `traceparent`
+        try:
+            await self._connection(url, headers)
+        except _Dropped as drop:
+            self._tracing.connect_failed(str(drop) or "dropped", drop.code)
+            raise
+        finally:
+            self._tracing.connect_failed("interrupted", None)  # still open: close() cancelled it
+
+    async def _connection(self, url: str, headers: dict[str, str]) -> None:
+        verified = False
         try:
             async with asyncio.timeout(self.open_timeout):
                 ws = await connect(
@@ -445,6 +468,9 @@ class StableClient:
         hello: dict[str, Any] = {"type": "hello", "client": {"name": self.name, "version": __version__}}
         if self.token:
             hello["token"] = self.token
+        previous = self.trace_id  # the trace of the last connection the server welcomed
+        if isinstance(previous, str) and 0 < len(previous) <= 64:
+            hello["previous_trace_id"] = previous
         resume = {
             ch: {"epoch": pos.epoch, "offset": pos.offset} for ch, pos in self.positions.items() if ch in self.channels
         }
@@ -475,6 +501,7 @@ class StableClient:
 
     async def _verified(self) -> None:
         recovered_in = self.recovery.succeeded()
+        self._tracing.connected(self.connection_id, self.server, recovered_in)
         self._connected.set()
         self._set_state("connected")
         await self._emit("connected", {
@@ -610,6 +637,7 @@ class StableClient:
             self._emit_soon("state", state)
 
     def _circuit_changed(self, old: CircuitState, new: CircuitState) -> None:
+        self._tracing.circuit(old, new)
         self._emit_soon("circuit", str(new))
 
     def _stop(self, error: ClientClosed | None) -> None:
@@ -621,6 +649,138 @@ class StableClient:
     def _end(self) -> None:
         self._ended = True
         self._queue.put_nowait(_END)  # after what is queued: the iterator drains, then ends
+
+
+class _ClientTracing:
+    """The client's spans (observability.md), with the OpenTelemetry API only: without an SDK
+    (or with a provider that does not record) every call does nothing worth counting.
+
+    - `ws.client.connect` (CLIENT): one connection attempt, from the TCP connect to the
+      verifying pong (or the failure); its context goes into the upgrade request as
+      `traceparent`, so the server's `ws.connection` is its child. Attributes `url.full`
+      (credentials redacted) and `stablews.attempt` (1-based, within the episode).
+    - `ws.client.reconnect` (INTERNAL): one reconnect episode, from the drop (or the first
+      failed attempt) to the verified reconnection, giving up, or close(). A trace of its own,
+      linked to the dropped connection's `ws.client.connect`; the episode's attempts are its
+      children, and `attempt` events (with the delay waited before each), `attempt_failed` and
+      `circuit_breaker` events tell the story; `stablews.reconnect.outcome` the end.
+    No span is made current: parents are given explicitly."""
+
+    def __init__(self, provider: Any) -> None:
+        from opentelemetry import propagate, trace
+        from opentelemetry.context import Context
+        from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+        self._tracer = trace.get_tracer("stablews", __version__, tracer_provider=provider)
+        self._with_span = trace.set_span_in_context
+        self._inject = propagate.inject
+        self._Context = Context
+        self._Link = Link
+        self._Status = Status
+        self._error = StatusCode.ERROR
+        self._client = SpanKind.CLIENT
+        self._internal = SpanKind.INTERNAL
+        self.episode: Any = None  # ws.client.reconnect of the episode in progress
+        self.connect: Any = None  # ws.client.connect of the attempt in progress
+        self.previous: Any = None  # span context of the last verified connection's ws.client.connect
+        self.attempt = 0  # attempts in this episode (or of the first connection)
+        self.waited = 0.0  # seconds waited before the next attempt
+
+    def start_connect(self, url: str, headers: dict[str, str]) -> None:
+        self.attempt += 1
+        safe_url = _redact(url)
+        episode = self.episode
+        if episode is not None:
+            episode.add_event("attempt", {
+                "stablews.attempt": self.attempt, "stablews.delay_s": round(self.waited, 3), "url.full": safe_url,
+            })
+        self.waited = 0.0
+        span = self._tracer.start_span(
+            "ws.client.connect",
+            context=None if episode is None else self._with_span(episode),
+            kind=self._client,
+            attributes={"url.full": safe_url, "stablews.attempt": self.attempt},
+        )
+        self.connect = span
+        self._inject(headers, context=self._with_span(span))
+
+    def connected(self, connection: str | None, server: str | None, recovered_in: float | None) -> None:
+        span, self.connect = self.connect, None
+        if span is not None:
+            if connection:
+                span.set_attribute("stablews.connection.id", connection)
+            if server:
+                span.set_attribute("stablews.instance", server)
+            span.end()
+            self.previous = span.get_span_context()
+        self.end_episode("recovered", recovered_in)
+        self.attempt = 0
+
+    def connect_failed(self, why: str, code: int | None) -> None:
+        span, self.connect = self.connect, None
+        if span is None:
+            return
+        if code is not None:
+            span.set_attribute("stablews.close.code", code)
+        span.set_attribute("error.type", str(code) if code is not None else "connect_failed")
+        span.set_status(self._Status(self._error, why))
+        span.end()
+
+    def attempt_failed(self, why: str) -> None:
+        """An attempt did not get to a verified connection: an episode starts, or goes on."""
+        self.begin_episode(why, new_count=False)
+        self.episode.add_event("attempt_failed", {"stablews.attempt": self.attempt, "stablews.reason": why})
+
+    def begin_episode(self, reason: str, *, new_count: bool) -> None:
+        if self.episode is not None:
+            return
+        previous = self.previous
+        links = None
+        if previous is not None and previous.is_valid:
+            links = [self._Link(previous, {"stablews.link.type": "dropped_connection"})]
+        self.episode = self._tracer.start_span(
+            "ws.client.reconnect",
+            context=self._Context(),  # a trace of its own
+            kind=self._internal,
+            attributes={"stablews.reconnect.reason": reason},
+            links=links,
+        )
+        if new_count:
+            self.attempt = 0
+
+    def circuit(self, old: CircuitState, new: CircuitState) -> None:
+        if self.episode is not None:
+            self.episode.add_event(
+                "circuit_breaker", {"stablews.circuit.from": str(old), "stablews.circuit.to": str(new)}
+            )
+
+    def end_episode(self, outcome: str, recovered_in: float | None = None) -> None:
+        span, self.episode = self.episode, None
+        if span is None:
+            return
+        span.set_attribute("stablews.reconnect.outcome", outcome)
+        span.set_attribute("stablews.reconnect.attempts", self.attempt)
+        if recovered_in is not None:
+            span.set_attribute("stablews.reconnect.seconds", round(recovered_in, 4))
+        if outcome not in ("recovered", "closed"):
+            span.set_status(self._Status(self._error, outcome))
+        span.end()
+
+
+def _redact(url: str) -> str:
+    """`url` without credentials: user info and a `token` query parameter (url.full rules)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "REDACTED:REDACTED@" + netloc.rpartition("@")[2]
+    query = parts.query
+    if "token" in query:
+        query = "&".join(
+            "token=REDACTED" if item.partition("=")[0] == "token" else item for item in query.split("&")
+        )
+    if netloc is parts.netloc and query is parts.query:
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 async def _logged(awaitable: Awaitable[Any], event: str) -> None:

@@ -125,12 +125,15 @@ class Connection:
         "rtt_last",
         "sched_due",
         "send",
+        "server_address",
+        "server_port",
         "span_id",
         "state",
         "subprotocol",
         "task",
         "telemetry",
         "timeline",
+        "trace_headers",
         "trace_id",
         "user_agent",
         "writer",
@@ -144,9 +147,11 @@ class Connection:
         conn_id: str,
         *,
         client: tuple[str, int] | None = None,
+        server: tuple[str, int] | None = None,
         user_agent: str | None = None,
         trace_id: str | None = None,
         span_id: str | None = None,
+        trace_headers: tuple[str, str | None] | None = None,
         subprotocol: str | None = None,
         passive: bool = False,
     ) -> None:
@@ -166,10 +171,12 @@ class Connection:
         self.abandoned = False
         self.sched_due = _INF
         self.client_address, self.client_port = client if client else (None, None)
+        self.server_address, self.server_port = server if server else (None, None)
         self.user_agent = user_agent
         self.client_name: str | None = None
         self.trace_id = trace_id
         self.span_id = span_id
+        self.trace_headers = trace_headers  # the client's (traceparent, tracestate), for tracing to continue
         self.previous_trace_id: str | None = None
         self.telemetry: dict[str, Any] | None = None  # state of the telemetry hooks (hooks.py)
         self.subprotocol = subprotocol
@@ -843,6 +850,7 @@ class Connection:
             "errors": self.errors,
             "channels": sorted(self.channels),
             "trace_id": self.trace_id,
+            "span_id": self.span_id,
             "seconds_since_inbound": round(end - self.last_inbound, 3),
             "seconds_since_app_traffic": round(end - self.last_app_activity, 3),
         }

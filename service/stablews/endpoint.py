@@ -81,15 +81,18 @@ class WebSocketEndpoint:
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in scope.get("subprotocols", ()) else None
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
         manager = server.manager
+        traceparent = header(scope, b"traceparent")
         conn = Connection(
             manager,
             server.broker,
             send,
             self.new_id(),
             client=scope.get("client"),
+            server=scope.get("server"),
             user_agent=header(scope, b"user-agent"),
-            trace_id=trace_id_from(header(scope, b"traceparent")),
+            trace_id=trace_id_from(traceparent),
             span_id=secrets.token_hex(8),  # the connection's own span; tracing, when on, replaces both
+            trace_headers=None if traceparent is None else (traceparent, header(scope, b"tracestate")),
             subprotocol=subprotocol,
         )
         over_limit = len(manager.live) >= settings.max_connections
