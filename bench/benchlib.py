@@ -531,3 +531,16 @@ class ServerProcess:
                 self.proc.kill()
             await self.proc.wait()
         await self.join_reader()
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of strings as a plain-text table: the first column left-aligned, the others right-aligned,
+    a rule under the header row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(widths[j + 1]) for j, c in enumerate(row[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

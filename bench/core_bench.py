@@ -67,6 +67,7 @@ from benchlib import (
     split_frame,
     start_workers,
     stdin_reader,
+    text_table,
     wait_until,
     workers_ready,
 )
@@ -709,14 +710,7 @@ def table(summary: Json, opts: Options) -> str:
                 {True: "met", False: "NOT met", None: ""}[entry["meets_goal"]],
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for i, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(widths[j + 1]) for j, c in enumerate(row[1:])]
-        lines.append("  ".join(cells).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows)
 
 
 def describe_run(measure: str, run: Json) -> str:
@@ -821,14 +815,12 @@ async def bench(opts: Options, output: Path, argv: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Idle memory per connection and fan-out throughput: stablews against bare Starlette."
-    )
+def add_workload_options(parser: argparse.ArgumentParser, *, messages: int) -> None:
+    """The memory and fan-out workload's options (shared with telemetry_bench.py)."""
     parser.add_argument("--connections", type=int, help="idle connections for the memory test (default 5000)")
     parser.add_argument("--subscribers", type=int, help="subscribers for the fan-out test (default 1000)")
     parser.add_argument(
-        "--messages", type=int, default=200, help="messages published in the fan-out test (default %(default)s)"
+        "--messages", type=int, default=messages, help="messages published in the fan-out test (default %(default)s)"
     )
     parser.add_argument(
         "--payload-bytes", type=int, default=100, help="JSON size of each message's data (default %(default)s)"
@@ -848,6 +840,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections opened and closed before the first RSS reading (default %(default)s)",
     )
     parser.add_argument("--only", choices=("all", "memory", "fanout"), default="all")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Idle memory per connection and fan-out throughput: stablews against bare Starlette."
+    )
+    add_workload_options(parser, messages=200)
     parser.add_argument("--quick", action="store_true", help="200 connections, 100 subscribers, 1 run")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results (default %(default)s)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for servers and workers")
@@ -855,16 +854,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(args_list)
-    raise_nofile_limit()
-    if args.worker:
-        return asyncio.run(worker_main(json.loads(args.worker)))
+def workload_options(args: argparse.Namespace, *, quick_connections: int, quick_subscribers: int) -> Options | None:
+    """`Options` from the parsed `add_workload_options` flags (and --quick, --python); None when a count is < 1."""
     opts = Options(
         python=args.python,
-        connections=args.connections or (200 if args.quick else 5000),
-        subscribers=args.subscribers or (100 if args.quick else 1000),
+        connections=args.connections or (quick_connections if args.quick else 5000),
+        subscribers=args.subscribers or (quick_subscribers if args.quick else 1000),
         messages=args.messages,
         payload_bytes=args.payload_bytes,
         publish_window=max(0, args.publish_window),
@@ -875,6 +870,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         only=args.only,
     )
     if min(opts.connections, opts.subscribers, opts.messages, opts.repeat, opts.warmup) < 1:
+        return None
+    return opts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(args_list)
+    raise_nofile_limit()
+    if args.worker:
+        return asyncio.run(worker_main(json.loads(args.worker)))
+    opts = workload_options(args, quick_connections=200, quick_subscribers=100)
+    if opts is None:
         print("core_bench: counts must be at least 1", file=sys.stderr)
         return 2
     return run_bench("core_bench", lambda: bench(opts, args.output, args_list))

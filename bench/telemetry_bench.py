@@ -73,6 +73,7 @@ from benchlib import (
     raise_nofile_limit,
     run_bench,
     service_revision,
+    text_table,
 )
 from core_bench import Options, kib, rate
 
@@ -544,14 +545,7 @@ def table(summary: Json, opts: Options) -> str:
                 {True: "met", False: "NOT met", None: ""}[entry["meets_goal"]],
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for i, r in enumerate(rows):
-        cells = [r[0].ljust(widths[0])] + [c.rjust(widths[j + 1]) for j, c in enumerate(r[1:])]
-        lines.append("  ".join(cells).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows)
 
 
 def describe_run(measure: str, run: Json) -> str:
@@ -751,30 +745,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="What telemetry (metrics scraped every second, traces exported over OTLP/HTTP) costs stablews: "
         "fan-out throughput and idle memory per connection, telemetry on against off."
     )
-    parser.add_argument("--connections", type=int, help="idle connections for the memory test (default 5000)")
-    parser.add_argument("--subscribers", type=int, help="subscribers for the fan-out test (default 1000)")
-    parser.add_argument("--messages", type=int, help="messages published in the fan-out test (default 1000)")
-    parser.add_argument(
-        "--payload-bytes", type=int, default=100, help="JSON size of each message's data (default %(default)s)"
-    )
-    parser.add_argument(
-        "--publish-window",
-        type=int,
-        default=0,
-        help="most unacknowledged publishes in flight; 0 (default) pipelines all, 1 waits for each ack",
-    )
-    parser.add_argument("--repeat", type=int, help="runs of each measurement per variant; medians reported (default 3)")
-    parser.add_argument("--processes", type=int, default=2, help="client worker processes (default %(default)s)")
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=100,
-        help="connections opened and closed before the first RSS reading (default %(default)s)",
-    )
+    core_bench.add_workload_options(parser, messages=1000)
     parser.add_argument(
         "--scrape-interval", type=float, default=1.0, help="seconds between scrapes of /metrics, ON (default 1)"
     )
-    parser.add_argument("--only", choices=("all", "memory", "fanout"), default="all")
     parser.add_argument(
         "--quick", action="store_true", help="1,000 connections, 200 subscribers x 1,000 messages, 1 run (~30 s)"
     )
@@ -790,21 +764,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.receiver:
         return receiver_main()
     raise_nofile_limit()
-    opts = Options(
-        python=args.python,
-        connections=args.connections or (1000 if args.quick else 5000),
-        subscribers=args.subscribers or (200 if args.quick else 1000),
-        messages=args.messages or 1000,
-        payload_bytes=args.payload_bytes,
-        publish_window=max(0, args.publish_window),
-        repeat=args.repeat or (1 if args.quick else 3),
-        processes=max(1, args.processes),
-        warmup=min(args.warmup, 20) if args.quick else args.warmup,
-        settle_timeout=5.0 if args.quick else 20.0,
-        only=args.only,
-    )
+    opts = core_bench.workload_options(args, quick_connections=1000, quick_subscribers=200)
     topts = TelemetryOptions(scrape_interval=args.scrape_interval)
-    if min(opts.connections, opts.subscribers, opts.messages, opts.repeat, opts.warmup) < 1:
+    if opts is None:
         print("telemetry_bench: counts must be at least 1", file=sys.stderr)
         return 2
     if not 0.05 <= topts.scrape_interval <= 60:
