@@ -20,7 +20,7 @@ from bisect import insort
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -238,6 +238,8 @@ class PrometheusMetrics(LifecycleHooks):
         self.last_close: dict[str, tuple[str, float]] = {}
         self.drain_seconds = 0.0
         self.registry.register(CoreCollector(server, self))
+        # The process's CPU, memory and file descriptors (process_*: the dashboard's runtime row).
+        ProcessCollector(registry=self.registry)
         registry = self.registry
         self.duration = Histogram(
             "stablews_connection_duration_seconds", "Connection lifetime, by close cause.", ["cause"],
