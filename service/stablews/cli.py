@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--open-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="handshake and welcome deadline per attempt (default 10)")
     _add_option_flags(client, CLIENT_OPTIONS)
+    loadtest = commands.add_parser(
+        "loadtest",
+        help="many clients, optional chaos; reports messages lost and duplicated",
+        description="Run many recovering clients (the project's client) against URL, optionally publishing and "
+        "injecting faults (drops, frozen and stalled clients), and print a summary: delivery rate, latency, "
+        "messages lost and duplicated, reconnects, resumes, resyncs. Exit 0 when nothing was lost or duplicated, "
+        "1 otherwise, 2 for a bad option. Progress lines go to stderr. See docs/loadtest.md.",
+    )
+    _loadtest_arguments(loadtest)
+    _add_option_flags(loadtest, CLIENT_OPTIONS)
     token = commands.add_parser(
         "token",
         help="print a signed token the service accepts",
@@ -81,12 +91,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _loadtest_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `stablews loadtest`, kept as text: loadtest.parse_options checks them (one line, exit 2)."""
+    add = parser.add_argument
+    add("url", help="the server's WebSocket URL, e.g. ws://127.0.0.1:8000/ws")
+    add("--clients", default="50", metavar="N", help="recovering clients (default 50)")
+    add("--channels", default="demo.ticker", metavar="C1,C2", help="channels every client joins (default demo.ticker)")
+    add("--publish-rate", default="0", metavar="R", help="messages/s the tool publishes over the socket, round robin "
+        "over the channels; 0 = rely on the server's feed (default 0; needs client_publish on the server)")
+    add("--payload-bytes", default="64", metavar="N", help="size of the padding in each published message (default 64)")
+    add("--duration", default="60s", metavar="SECONDS", help="length of the run; 0 = until interrupted (default 60s)")
+    add("--ramp", default="auto", metavar="SECONDS", help="clients start evenly over this time; auto = 5s, or a "
+        "tenth of a shorter --duration (default auto)")
+    add("--drop-rate", default="0.2", metavar="R", help="abrupt TCP drops per second across all clients (default 0.2)")
+    add("--freeze-ratio", default="0.1", metavar="F", help="share of clients that stop reading and answering "
+        "heartbeats once, so the server closes them 4000 (default 0.1)")
+    add("--freeze-seconds", default="auto", metavar="SECONDS", help="length of a freeze; auto = 2 x (heartbeat "
+        "interval + timeout) + 1s from the server's welcome (default auto)")
+    add("--stall-ratio", default="0", metavar="F", help="share of clients that stop reading the socket once: slow "
+        "consumers, closed 4003 when the server's send queue fills first (heavy traffic), else 4000 (default 0)")
+    add("--stall-seconds", default="auto", metavar="SECONDS", help="length of a stall (default auto, as a freeze)")
+    add("--token", help="token for every client (when the server checks tokens)")
+    add("--json", action="store_true", help="print the summary as one JSON object")
+    add("--seed", metavar="S", help="seed of the chaos and jitter choices (default: random)")
+    add("--progress-interval", default="5s", metavar="SECONDS", help="progress line period on stderr; 0 = none "
+        "(default 5s)")
+    add("--open-timeout", default="10s", metavar="SECONDS", help="handshake and welcome deadline per attempt "
+        "(default 10s)")
+
+    def one_line_error(message: str) -> None:  # argparse prints the usage too: one line is enough here
+        parser.exit(2, f"stablews loadtest: {message} (see stablews loadtest --help)\n")
+
+    parser.error = one_line_error  # type: ignore[method-assign]
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command == "loadtest":
+            print(f"stablews loadtest: unrecognized arguments: {' '.join(extra)} (see stablews loadtest --help)",
+                  file=sys.stderr)
+            return 2
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "serve":
         try:
             settings = config.load(flags=_flags(args), config_file=args.config)
@@ -106,6 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tail import run_client
 
         return run_client(args, settings)
+    if args.command == "loadtest":
+        try:
+            settings = config.load(flags=_flags(args), env=_client_env())
+        except ConfigError as exc:
+            print(f"stablews loadtest: invalid configuration: {exc}", file=sys.stderr)
+            return 2
+        from .loadtest import run_loadtest
+
+        return run_loadtest(args, settings)
     if args.command == "token":
         return _token(args)
     return 2

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State as WsState
 
 from . import __version__
 from .protocol import SUBPROTOCOL, CloseCode, Position
@@ -147,6 +148,8 @@ class StableClient:
         self._advice: float | None = None
         self._url_index = 0
         self._closing = False
+        self._reading = asyncio.Event()  # cleared by pause_reading(): the read loop waits
+        self._reading.set()
         # Figures beyond the recovery machinery's own.
         self.messages_received = 0
         self.duplicates_dropped = 0
@@ -276,6 +279,24 @@ class StableClient:
         await self._request({"type": "ping", "id": ident}, ident, timeout)
         return time.monotonic() - started
 
+    # Fault injection (`stablews loadtest`, tests): not for ordinary use.
+
+    @property
+    def transport(self) -> asyncio.BaseTransport | None:
+        """The current connection's transport, None between connections. `transport.abort()` cuts the TCP
+        connection without a close frame, as a network loss would: the client reconnects and resumes."""
+        ws = self._ws
+        return None if ws is None else ws.transport
+
+    def pause_reading(self) -> None:
+        """Stop taking frames until resume_reading(): no message is delivered and no server `ping` is
+        answered (the server closes the connection 4000 after its missed heartbeats, or 4003 once its send
+        queue fills). The client's own silence timer does not run while paused."""
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
     def recovery_stats(self) -> dict[str, Any]:
         stats = self.recovery.stats()
         stats.update(
@@ -404,6 +425,8 @@ class StableClient:
             welcomed = False
             verify_id = f"v{next(self._ids)}"
             while True:
+                if not self._reading.is_set():
+                    await self._reading.wait()
                 deadline = loop.time() + self.silence if welcomed else verify_by
                 if welcomed and not verified:
                     deadline = min(deadline, verify_by)
@@ -431,7 +454,11 @@ class StableClient:
                     if kind == "message":
                         await self._on_message(msg)
                     elif kind == "ping":
-                        await ws.send(f'{{"type":"pong","id":{json.dumps(msg.get("id"))}}}')
+                        # Not after the server's close frame: websockets' send() would then wait close_timeout for
+                        # the TCP close, which it cannot see while its frame buffer is full and this loop, stuck in
+                        # send(), does not empty it (a backlog read after a pause or a slow handler).
+                        if ws.state is WsState.OPEN:
+                            await ws.send(f'{{"type":"pong","id":{json.dumps(msg.get("id"))}}}')
                     elif kind == "welcome":
                         welcomed = True
                         verify_by = loop.time() + self.verify_timeout

@@ -5,18 +5,15 @@ and a dropped connection's trace id reaches OpenMetrics scrapers and a real Prom
 from __future__ import annotations
 
 import contextlib
-import shutil
-import socket
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from otlp_receiver import OtlpHttpReceiver
+from promkit import Prometheus, binary, free_port, scrape_config
 from support import Client, hello_client, wait_for
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -38,19 +35,6 @@ CATALOGUE = (
     "stablews_shutdown_drain_seconds", "stablews_ready", "stablews_build_info",
 )
 PROMETHEUS_DEADLINE = 60.0
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found: apt-get install prometheus", pytrace=False)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def dead_port() -> int:
@@ -86,7 +70,7 @@ async def drop_one(server: Any) -> tuple[list[Client], str]:
 
 
 async def test_metrics_pass_promtool_carry_the_catalogue_and_the_dropped_trace_id(start_server):
-    promtool = tool("promtool")
+    promtool = binary("promtool")
     feed = f"json+ws://127.0.0.1:{dead_port()}/feed"
     server = start_server(*FLAGS, "--upstreams", feed + "#relayed", "--initial-delay", "0.1s")
     clients, trace_id = await drop_one(server)
@@ -128,71 +112,6 @@ async def test_metrics_pass_promtool_carry_the_catalogue_and_the_dropped_trace_i
             await client.close()
 
 
-PROMETHEUS_CONFIG = """\
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-  evaluation_interval: 1s
-scrape_configs:
-  - job_name: stablews
-    static_configs:
-      - targets: ["127.0.0.1:{port}"]
-"""
-
-
-class Prometheus:
-    """`prometheus` (with exemplar storage) as its own process, scraping one target."""
-
-    def __init__(self, directory: Path, target_port: int) -> None:
-        binary = tool("prometheus")
-        self.port = free_port()
-        config = directory / "prometheus.yml"
-        config.write_text(PROMETHEUS_CONFIG.replace("{port}", str(target_port)))
-        self.log = directory / "prometheus.log"
-        self._log_file = self.log.open("w")
-        self.proc = subprocess.Popen(
-            [
-                binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}", "--enable-feature=exemplar-storage",
-                "--log.level=warn",
-            ],
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def logs(self) -> str:
-        return self.log.read_text()[-4000:]
-
-    async def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{self.logs()}")
-        try:
-            async with httpx.AsyncClient(timeout=2) as http:
-                return (await http.get(self.url + "/-/ready")).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    async def get(self, path: str, **params: Any) -> Any:
-        async with httpx.AsyncClient(timeout=5) as http:
-            response = await http.get(self.url + path, params=params)
-        response.raise_for_status()
-        return response.json()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log_file.close()
-
-
 async def test_a_real_prometheus_stores_the_dropped_connections_trace_id(start_server, tmp_path):
     """Dashboard to trace, end to end: the server exports its spans over OTLP to a receiver, a real
     Prometheus scrapes it, and the exemplar Prometheus stores for the drop is the trace id of the
@@ -203,7 +122,7 @@ async def test_a_real_prometheus_stores_the_dropped_connections_trace_id(start_s
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_BSP_SCHEDULE_DELAY": "200",
     })
-    prometheus = Prometheus(tmp_path, server.port)
+    prometheus = Prometheus(tmp_path, scrape_config(server.port))
     clients: list[Client] = []
     try:
         await wait_for(prometheus.ready, PROMETHEUS_DEADLINE, "prometheus ready")

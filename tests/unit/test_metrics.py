@@ -120,6 +120,11 @@ def close_conn(conn: Connection, cause: CloseCause | None = None, code: int = 10
     conn.finish(code)
 
 
+# What the dashboard's runtime row reads (prometheus_client's process collector, on Linux).
+PROCESS = {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_max_fds",
+           "process_start_time_seconds"}
+
+
 def test_every_catalogue_metric_has_its_type_and_labels():
     server = make_server(upstreams=(FEED + "#a",))
     found = families(server)
@@ -131,9 +136,10 @@ def test_every_catalogue_metric_has_its_type_and_labels():
         for sample in family.samples:
             names = set(sample.labels) - {"le"}  # histogram buckets
             assert names == set(labels), (name, sample)
-    # Only the catalogue, in both formats.
-    assert set(found) == set(CATALOGUE)
-    classic = {f.name for f in parse_text(text(server))}
+    # Only the catalogue and the process collector's process_* (the dashboard's runtime row), in both formats.
+    assert {n for n in found if not n.startswith("process_")} == set(CATALOGUE)
+    assert {n for n in found if n.startswith("process_")} >= PROCESS
+    classic = {f.name for f in parse_text(text(server)) if not f.name.startswith("process_")}
     assert {n.removesuffix("_total") for n in CATALOGUE} <= classic
     extra = classic - {n.removesuffix("_total") for n in CATALOGUE}
     assert all(n.endswith("_created") for n in extra), extra  # prometheus_client's histogram _created
