@@ -148,24 +148,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .server import run
 
         return run(settings)
-    if args.command == "client":
+    if args.command in ("client", "loadtest"):  # both run the project's client with the recovery options
         try:
             settings = config.load(flags=_flags(args), env=_client_env())
         except ConfigError as exc:
-            print(f"stablews: invalid configuration: {exc}", file=sys.stderr)
+            who = "stablews loadtest" if args.command == "loadtest" else "stablews"  # as each has always said
+            print(f"{who}: invalid configuration: {exc}", file=sys.stderr)
             return 2
+        if args.command == "loadtest":
+            from .loadtest import run_loadtest
+
+            return run_loadtest(args, settings)
         from .tail import run_client
 
         return run_client(args, settings)
-    if args.command == "loadtest":
-        try:
-            settings = config.load(flags=_flags(args), env=_client_env())
-        except ConfigError as exc:
-            print(f"stablews loadtest: invalid configuration: {exc}", file=sys.stderr)
-            return 2
-        from .loadtest import run_loadtest
-
-        return run_loadtest(args, settings)
     if args.command == "token":
         return _token(args)
     return 2

@@ -27,18 +27,19 @@ class Flushable(Protocol):
 class Flusher:
     """Runs `flush()` of every connection marked since the last loop iteration.
 
-    `report(latency, conn)`, when given, hears after each pass how long its oldest
-    mark waited (publication to the end of the writes): one sample a pass, not one
-    a message or a connection."""
+    `report(latency, conn)`, when set (telemetry sets it to the hooks' `on_delivery`),
+    hears after each pass how long its oldest mark waited (publication to the end of
+    the writes): one sample a pass, not one a message or a connection. Unset, the
+    flusher reads no extra clock."""
 
-    __slots__ = ("_clock", "_dirty", "_first_mark", "_loop", "_report", "_scheduled")
+    __slots__ = ("_clock", "_dirty", "_first_mark", "_loop", "_scheduled", "report")
 
-    def __init__(self, clock: Callable[[], float], report: Callable[[float, Any], None] | None = None) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._dirty: list[Flushable] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._report = report
+        self.report: Callable[[float, Any], None] | None = None
         self._first_mark = 0.0
 
     def mark(self, conn: Flushable) -> None:
@@ -49,7 +50,7 @@ class Flusher:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
             self._loop.call_soon(self._run)
-            if self._report is not None:
+            if self.report is not None:
                 self._first_mark = self._clock()
 
     def _run(self) -> None:
@@ -62,8 +63,8 @@ class Flusher:
                 conn.flush(now)
             except Exception:  # one connection's bug must not stall everyone else's output
                 log.exception("flush failed")
-        if self._report is not None and dirty:
-            self._report(self._clock() - self._first_mark, dirty[0])
+        if self.report is not None and dirty:
+            self.report(self._clock() - self._first_mark, dirty[0])
 
 
 def start(coro: Coroutine[Any, Any, Any]) -> Any:

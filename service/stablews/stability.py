@@ -80,7 +80,7 @@ class StabilityManager:
         self.closed: deque[Connection] = deque(maxlen=settings.closed_records_max)
         self.scheduler = DeadlineScheduler(lambda conn, now: conn.check(now), clock)
         self.hooks = HookSet()
-        self.flusher = Flusher(clock, self._delivered)
+        self.flusher = Flusher(clock)
         self._listeners: dict[str, list[EventCallback]] = {name: [] for name in EVENTS}
         self._listener_tasks: set[asyncio.Future[Any]] = set()
         self.housekeeping: list[Callable[[], None]] = []
@@ -132,10 +132,6 @@ class StabilityManager:
                     task.add_done_callback(self._listener_tasks.discard)
             except Exception:
                 log.exception("listener of %s failed", event)
-
-    def _delivered(self, latency: float, conn: Any) -> None:
-        if self.hooks:
-            self.hooks.on_delivery(latency, conn)
 
     # ------------------------------------------------------------ registry
 

@@ -45,6 +45,8 @@ class Telemetry:
 
             self.metrics = PrometheusMetrics(server)
             hooks.add(self.metrics)
+            # Only the delivery-latency histogram needs the flusher's per-pass timing.
+            server.manager.flusher.report = hooks.on_delivery
         self.loop_lag = LoopLagMonitor(settings.event_loop_lag_interval, self._loop_lag)
 
     def _loop_lag(self, lag: float) -> None:
