@@ -293,11 +293,17 @@ def overview() -> list[dict[str, Any]]:
              "some are starting or draining.",
              [target(f"sum({sel('stablews_ready')})", "ready"),
               target(f"count({sel('stablews_build_info')})", "running")], "short", w=4),
+        stat("Broker connected",
+             "Instances whose broker can serve (stablews_broker_connected = 1) against instances running. With a "
+             "Redis broker, fewer: those instances cannot reach Redis; nothing they publish or relay gets through "
+             "and they refuse new connections (runbook StablewsBrokerUnavailable).",
+             [target(f"sum({sel('stablews_broker_connected')})", "connected"),
+              target(f"count({sel('stablews_build_info')})", "running")], "short", w=4),
         timeseries("Connections by health",
                    "Live connections by health state as of the last sweep (docs/health.md): stale = no application "
                    "message for stale_connection_threshold, unhealthy = score below unhealthy_score. Unhealthy or "
                    "stale rising comes before drops.",
-                   [target(f"sum by (health) ({sel('stablews_connections')})", "{{health}}")], "short", w=8,
+                   [target(f"sum by (health) ({sel('stablews_connections')})", "{{health}}")], "short", w=12,
                    stack=True,
                    overrides=[color_override("healthy", "green"), color_override("unhealthy", "orange"),
                               color_override("stale", "purple")]),
@@ -419,8 +425,9 @@ def recovery() -> list[dict[str, Any]]:
                            "{{upstream}} {{outcome}}")],
                    "cps", w=12),
         state_timeline("Circuit breaker states",
-                       "Each relay's circuit breaker: closed (attempts allowed), half-open (one trial attempt), "
-                       "open (no attempts until the breaker's timeout). The worst state over the selected instances.",
+                       "Each relay's circuit breaker, and the Redis link's (target broker): closed (attempts "
+                       "allowed), half-open (one trial attempt), open (no attempts until the breaker's timeout). "
+                       "The worst state over the selected instances.",
                        [target(f"max by (target) ({sel('stablews_circuit_breaker_state')})", "{{target}}")],
                        {"0": ("closed", "green"), "1": ("half-open", "yellow"), "2": ("open", "red")}, w=12),
         state_timeline("Upstreams connected",
@@ -428,6 +435,21 @@ def recovery() -> list[dict[str, Any]]:
                        "the local channels it feeds stop moving.",
                        [target(f"min by (upstream) ({sel('stablews_upstream_connected')})", "{{upstream}}")],
                        {"0": ("disconnected", "red"), "1": ("connected", "green")}, w=12),
+        timeseries("Broker reconnects",
+                   "Attempts of the Redis broker's link per second, by outcome (the first connection included; "
+                   "always 0 with the memory broker). Failures climbing: Redis down, or refusing us.",
+                   [target(sum_rate("stablews_broker_reconnect_attempts_total", by="outcome"), "{{outcome}}"),
+                    target(sum_rate("stablews_broker_publish_failures_total"), "publishes refused")],
+                   "cps", w=12,
+                   overrides=[color_override("success", "green"), color_override("failure", "red"),
+                              color_override("publishes refused", "orange")]),
+        timeseries("Stream resets",
+                   "Times the subscribers of a channel were told to resync, by reason: reset (a relayed source "
+                   "lost continuity), new_epoch (the broker lost the history), gap (an instance read a stream "
+                   "after Redis trimmed it). new_epoch and gap: runbook StablewsStreamHistoryLost.",
+                   [target(f"sum by (reason) (increase({sel('stablews_stream_resets_total')}[{RATE}]))",
+                           "{{reason}}")],
+                   "short", w=12, stack=True),
     ]
 
 

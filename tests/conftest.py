@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from redis_server import RedisServer
 from support import ServerProcess
 
 # Tests open many sockets; make sure the soft limit is not the bottleneck.
@@ -26,3 +28,11 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh `redis-server` on a free loopback port (nothing persisted), stopped at teardown."""
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()

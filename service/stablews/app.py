@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 import signal
 import threading
 import time
@@ -24,8 +25,9 @@ from .connection import State
 from .demo import run_demo_feed
 from .endpoint import WebSocketEndpoint
 from .protocol import CloseCause
-from .recovery import CircuitState
+from .recovery import CircuitState, Recovery, RecoveryPolicy
 from .relay import Relay, build_relays
+from .singleton import Singleton
 from .stability import StabilityManager
 from .telemetry import Telemetry
 
@@ -34,6 +36,33 @@ log = logging.getLogger("stablews.app")
 # Reconnects after a drain are spread so that about this many clients come
 # back per second (within [reconnect_delay, max_reconnect_delay]).
 RECONNECTS_PER_SECOND = 1000
+
+
+def make_broker(
+    settings: Settings,
+    clock: Callable[[], float],
+    wall: Callable[[], float],
+    on_event: Callable[[str, dict[str, Any]], None],
+) -> Broker:
+    """The broker the `broker` option names: memory, or Redis Streams for several instances."""
+    if settings.broker == "memory":
+        return MemoryBroker(settings.history_size, settings.history_ttl, settings.max_recovery_messages, clock, wall)
+    from .redis_broker import RedisBroker
+
+    return RedisBroker(
+        settings.broker,
+        history_size=settings.history_size,
+        history_ttl=settings.history_ttl,
+        max_recovery_messages=settings.max_recovery_messages,
+        # A channel's keys outlive its history; every sweep renews those of channels followed here.
+        key_ttl=settings.history_ttl + 2 * settings.health_check_interval,
+        prefix=settings.broker_prefix,
+        timeout=settings.broker_timeout,
+        instance_id=settings.instance_id,
+        policy=RecoveryPolicy.from_settings(settings),
+        on_event=on_event,
+        wall_clock=wall,
+    )
 
 
 class StableServer:
@@ -56,7 +85,7 @@ class StableServer:
         self.settings = settings or Settings()
         s = self.settings
         self.manager = StabilityManager(s, clock=clock, wall=wall)
-        self.broker = broker or MemoryBroker(s.history_size, s.history_ttl, s.max_recovery_messages, clock, wall)
+        self.broker = broker or make_broker(s, clock, wall, self.manager.emit)
         self.manager.housekeeping.append(self.broker.sweep)
         self.endpoint = WebSocketEndpoint(self)
         self.draining = False
@@ -65,6 +94,7 @@ class StableServer:
         self.version = __version__
         self._tasks: list[asyncio.Task[Any]] = []
         self.relays: list[Relay] = build_relays(self)
+        self.singletons = self._singletons()
         self._drained: dict[str, Any] | None = None
         # Drain on the first SIGTERM/SIGINT before the host server's shutdown; off when the host
         # (`stablews serve`) already drains first.
@@ -80,11 +110,32 @@ class StableServer:
         self.manager.start()
         self.telemetry.start()
         await self.broker.start()
-        if self.settings.demo_feed:
-            self._tasks.append(asyncio.create_task(run_demo_feed(self.broker, self.settings.demo_feed_rate)))
-        for relay in self.relays:
-            await relay.start()
+        for singleton in self.singletons:
+            await singleton.begin()
         log.info("stablews started", extra={"instance": self.settings.instance_id, "version": self.version})
+
+    def _singletons(self) -> list[Singleton]:
+        """The jobs that run on one instance of those sharing the broker: the demo feed, each relay."""
+        holder = f"{self.settings.instance_id}/{secrets.token_hex(4)}"
+        ttl = self.settings.lease_ttl
+        jobs: list[Singleton] = []
+        if self.settings.demo_feed:
+            feed: list[asyncio.Task[None]] = []
+
+            async def start_feed() -> None:
+                feed.append(asyncio.create_task(run_demo_feed(self.broker, self.settings.demo_feed_rate)))
+
+            async def stop_feed() -> None:
+                while feed:
+                    task = feed.pop()
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+            jobs.append(Singleton(self.broker, "demo_feed", holder, start_feed, stop_feed, ttl))
+        for relay in self.relays:
+            jobs.append(Singleton(self.broker, f"relay:{relay.key}", holder, relay.lead, relay.release, ttl))
+        return jobs
 
     @property
     def ready(self) -> bool:
@@ -142,8 +193,8 @@ class StableServer:
     async def shutdown(self) -> dict[str, Any]:
         """Drain, stop the feeds and the broker. Safe to call more than once."""
         summary = await self.drain()
-        for relay in self.relays:
-            await relay.stop()
+        for singleton in self.singletons:  # releases the leases: another instance takes over at once
+            await singleton.end()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -169,17 +220,31 @@ class StableServer:
         """Resumes of this server's clients, and the recovery of each upstream relay."""
         stats = self.manager.recovery_stats()
         stats["upstreams"] = {relay.key: relay.recovery.stats() for relay in self.relays}
+        if self.broker.recovery is not None:
+            stats["broker"] = self.broker.recovery.stats()
         return stats
 
     def upstream_problems(self) -> list[str]:
-        """Reasons the service is degraded because of its upstreams: a circuit not closed, a relay stopped."""
+        """Reasons the service is degraded because of what it depends on: the broker unavailable,
+        an upstream's circuit not closed, a relay stopped."""
         problems = []
+        if self.started and not self.broker.ready:
+            problems.append(f"broker unavailable ({self.broker.why_unavailable()})")
         for relay in self.relays:
+            if relay.standby:  # another instance relays it
+                continue
             if relay.recovery.circuit_state is not CircuitState.CLOSED:
                 problems.append(f"upstream {relay.key} circuit {relay.recovery.circuit_state}")
             elif self.started and relay.state == "closed":
                 problems.append(f"upstream {relay.key} stopped: {relay.last_error or 'closed'}")
         return problems
+
+    def circuit_breakers(self) -> dict[str, Recovery]:
+        """Every circuit breaker by target: the upstream relays, and the broker's link when it has one."""
+        targets = {relay.key: relay.recovery for relay in self.relays}
+        if self.broker.recovery is not None:
+            targets["broker"] = self.broker.recovery
+        return targets
 
     def service_status(self, status: str, reasons: list[str]) -> tuple[str, list[str]]:
         """The fleet's status and reasons with the server's own conditions added: an upstream
@@ -203,8 +268,9 @@ class StableServer:
                 "draining": self.draining,
                 "recovery": self.recovery_stats(),
                 "broker": self.broker.stats(),
-                "circuit_breakers": {relay.key: str(relay.recovery.circuit_state) for relay in self.relays},
+                "circuit_breakers": {target: str(r.circuit_state) for target, r in self.circuit_breakers().items()},
                 "upstreams": [relay.stats() for relay in self.relays],
+                "singletons": {job.name: job.state for job in self.singletons},
                 "refused": {"origin": self.refused_origins},
                 "telemetry": self.telemetry.stats(),
             }

@@ -12,11 +12,12 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import protocol
 from .protocol import Position
+from .recovery import Recovery
 
 
 class Subscriber(Protocol):
@@ -49,10 +50,13 @@ class SubscribeResult:
     offset: int  # top of the stream once the replay is delivered
     recovered: bool | None  # None: no position was given
     replay: list[str]  # encoded `message` frames, in offset order
+    # Frames that went live while the subscription was being set up (a broker outside the
+    # process): queued after the replay, before anything delivered later.
+    live: list[str] = field(default_factory=list)
 
 
 class BrokerUnavailable(Exception):
-    """The broker cannot take publications right now."""
+    """The broker cannot serve the request right now (publish or subscribe)."""
 
 
 class Broker(ABC):
@@ -60,7 +64,10 @@ class Broker(ABC):
 
     `subscribe` registers the subscriber and returns the replay atomically:
     no live publication of that channel reaches the subscriber before the
-    call returns, and none after `result.offset` is missing from the replay.
+    call returns, and none after `result.offset` is missing from the replay
+    and `result.live`. `publish` and `subscribe` raise `BrokerUnavailable`
+    when the broker cannot serve them (publish also raises ValueError for
+    data that is not plain JSON).
     """
 
     @abstractmethod
@@ -75,7 +82,7 @@ class Broker(ABC):
     def unsubscribe(self, channel: str, subscriber: Subscriber) -> None: ...
 
     @abstractmethod
-    def reset(self, channel: str) -> str:
+    async def reset(self, channel: str) -> str:
         """Drop the channel's history and give it a new epoch (its source lost
         continuity). Every subscriber is told at once with an unrequested
         `subscribed` (`recovered: false`), so it resynchronises. Returns the epoch."""
@@ -86,9 +93,28 @@ class Broker(ABC):
     def sweep(self) -> None:  # noqa: B027 - optional housekeeping
         """Drop what has expired (called by the health sweep)."""
 
+    # The recovery of the broker's own connection (a broker outside the process), for stats,
+    # metrics and the circuit-breaker views.
+    recovery: Recovery | None = None
+
     @property
     def ready(self) -> bool:
         return True
+
+    def why_unavailable(self) -> str:
+        """Why `ready` is False, in a few words."""
+        return "unavailable"
+
+    # Several instances share a broker outside the process: what must run once (a feed, a relay)
+    # runs where its lease is held. An embedded broker has one instance: the lease is always held.
+    shared = False
+
+    async def claim(self, name: str, holder: str, ttl: float) -> bool:
+        """Take or renew the lease `name` for `holder` for `ttl` seconds; False while another holds it."""
+        return True
+
+    async def release(self, name: str, holder: str) -> None:  # noqa: B027 - nothing to release here
+        """Give the lease up at once (a graceful stop), if `holder` has it."""
 
     async def start(self) -> None:  # noqa: B027
         pass
@@ -99,6 +125,14 @@ class Broker(ABC):
 
 def new_epoch() -> str:
     return secrets.token_hex(6)
+
+
+def encode_data(data: Any) -> str:
+    """A publication's `data` as JSON, once; ValueError when it is not plain JSON."""
+    try:
+        return protocol.encode_json(data)  # NaN and Infinity raise ValueError
+    except RecursionError:
+        raise ValueError("data is nested too deeply") from None
 
 
 class Stream:
@@ -146,10 +180,7 @@ class MemoryBroker(Broker):
 
     def publish_now(self, channel: str, data: Any) -> PublishResult:
         """Synchronous publish: assign the offset, keep history, fan out."""
-        try:
-            data_json = protocol.encode_json(data)
-        except RecursionError:
-            raise ValueError("data is nested too deeply") from None  # like NaN/Infinity: not plain JSON
+        data_json = encode_data(data)
         stream = self._stream(channel)
         now = self._clock()
         ts_ms = int(self._wall() * 1000)
@@ -205,7 +236,7 @@ class MemoryBroker(Broker):
         if stream is not None:
             stream.subscribers.discard(subscriber)
 
-    def reset(self, channel: str) -> str:
+    async def reset(self, channel: str) -> str:
         stream = self._stream(channel)
         stream.epoch = new_epoch()
         stream.top = 0

@@ -82,6 +82,9 @@ class _Resync:
 
 
 _END = object()
+# Drops after which the same instance is unlikely to answer: no close frame at all (it died, or
+# the network between us did), or 1001 (it is shutting down).
+_INSTANCE_GONE = frozenset({None, 1006, 1001})
 
 
 class StableClient:
@@ -353,6 +356,8 @@ class StableClient:
                         return
                     if drop.verified:
                         self.drops += 1
+                        if drop.code in _INSTANCE_GONE:  # it vanished or is going away: try another first
+                            self._rotate_url()
                         self._set_state("reconnecting")
                         await self._emit("disconnected", dict(self.last_close or {}))
                         recovery.lost(self._advice)

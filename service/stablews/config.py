@@ -141,7 +141,17 @@ def _path(v: str) -> str | None:
 
 
 def _broker(v: str) -> str | None:
-    return None if v == "memory" else "must be 'memory' (the only broker in this version)"
+    if v == "memory":
+        return None
+    from .redis_broker import check_url  # the URL forms live with the broker
+
+    return check_url(v)
+
+
+def _key_prefix(v: str) -> str | None:
+    if not v or len(v) > 64 or any(c in v for c in "{} \t\n"):
+        return "must be 1-64 characters without braces or spaces (channel names are the keys' hash tags)"
+    return None
 
 
 def _upstreams(v: tuple[str, ...]) -> str | None:
@@ -277,7 +287,19 @@ class Settings:
     close_timeout: float = _opt(
         5.0, DURATION, "how long a close may wait on a peer that does not read", "server", _positive
     )
-    broker: str = _opt("memory", STR, "channel broker", "server", _broker)
+    broker: str = _opt(
+        "memory", STR, "channel broker: memory, or redis://host:port/db for several instances", "server", _broker,
+        secret=True,  # a Redis URL may carry a password
+    )
+    broker_prefix: str = _opt("stablews", STR, "prefix of the Redis keys (several deployments, one Redis)", "server",
+                              _key_prefix)
+    lease_ttl: float = _opt(
+        10.0, DURATION, "with a shared broker: how soon another instance takes over the demo feed or a relay of "
+        "one that died", "server", _positive,
+    )
+    broker_timeout: float = _opt(
+        5.0, DURATION, "a Redis command slower than this fails (the broker is then unavailable)", "server", _positive
+    )
     demo_feed: bool = _opt(True, BOOL, "publish the demo.ticker channel", "server")
     demo_feed_rate: float = _opt(5.0, FLOAT, "demo.ticker messages per second", "server", _positive)
     instance_id: str = _opt("", STR, "this instance's id (default host-pid)", "server")

@@ -42,6 +42,10 @@ _PING_PREFIX = '{"type":"ping"'
 _UNREACHABLE = frozenset(
     {CloseCause.SLOW_CONSUMER, CloseCause.HEARTBEAT_TIMEOUT, CloseCause.IDLE_TIMEOUT, CloseCause.HELLO_TIMEOUT}
 )
+# Closes the client should recover from: a `reconnect` advice (jittered after_ms) goes first.
+_ADVISED = frozenset(
+    {CloseCause.SLOW_CONSUMER, CloseCause.OVERLOADED, CloseCause.SHUTDOWN, CloseCause.BROKER_UNAVAILABLE}
+)
 BAD_MESSAGE_WINDOW = 60.0
 RATE_PAUSE = 1.0  # seconds without a dropped message that end a rate-limited stretch
 
@@ -393,7 +397,7 @@ class Connection:
         self.close_initiator = "server"
         if cause in _UNREACHABLE:
             self.queue.clear()
-        if cause in (CloseCause.SLOW_CONSUMER, CloseCause.OVERLOADED, CloseCause.SHUTDOWN):
+        if cause in _ADVISED:
             if after_ms is None:
                 after_ms = random.randint(0, int(settings.reconnect_delay * 1000))
             self.queue.append(protocol.reconnect(str(cause), after_ms))
@@ -704,6 +708,8 @@ class Connection:
         if hello.resume:
             recovered = replayed = 0
             for channel, position in hello.resume.items():
+                if self.state is not State.OPEN:
+                    return
                 result = await self._subscribe(channel, position)
                 if result is not None and result.recovered:
                     recovered += 1
@@ -737,12 +743,21 @@ class Connection:
             return None
         assert self.broker is not None
         self.channels.append(channel)
-        result = await self.broker.subscribe(channel, self, since)
+        try:
+            result = await self.broker.subscribe(channel, self, since)
+        except BrokerUnavailable as exc:
+            # Nothing to serve the channel from: come back later and resume (nothing is lost).
+            self.channels.remove(channel)
+            self.refuse(ErrorCode.UNAVAILABLE, f"cannot subscribe to {channel} now: {exc}", "subscribe", channel)
+            self.close(CloseCause.BROKER_UNAVAILABLE)
+            return None
         if self.state is not State.OPEN:
             return result
         self.push(protocol.subscribed(channel, result.epoch, result.offset, result.recovered, len(result.replay)))
         for chunk in _chunks(result.replay, settings.max_frame_bytes):
             self.push(chunk)
+        for frame in result.live:
+            self.deliver(frame)
         self.manager.count_subscribe(self, channel, since, result)
         if since is None:
             self.note("subscribe", channel)
@@ -778,8 +793,7 @@ class Connection:
             self.reject(ProtocolError(ErrorCode.BAD_MESSAGE, "'data' must be plain JSON (no NaN or Infinity)", ref))
             return
         except BrokerUnavailable as exc:
-            self.record_error(ErrorCode.INTERNAL)
-            self.push(protocol.error(ErrorCode.INTERNAL, f"publish failed: {exc}", ref))
+            self.refuse(ErrorCode.UNAVAILABLE, f"publish failed: {exc}", ref, message.channel)
             return
         self.push(protocol.published(message.id, result.channel, result.offset))
 

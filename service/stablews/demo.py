@@ -23,6 +23,7 @@ async def run_demo_feed(broker: Broker, rate: float, channel: str = DEMO_CHANNEL
     start = loop.time()
     seq = 0
     rng = random.Random()
+    failed = 0  # publications lost in the current outage: said once when it starts, once when it ends
     while True:
         seq += 1
         symbol = symbols[seq % len(symbols)]
@@ -30,8 +31,13 @@ async def run_demo_feed(broker: Broker, rate: float, channel: str = DEMO_CHANNEL
         prices[symbol] = price
         try:
             await broker.publish(channel, {"symbol": symbol, "price": round(price, 6), "seq": seq})
+            if failed:
+                log.info("demo feed: publishing again", extra={"lost": failed})
+                failed = 0
         except BrokerUnavailable as exc:
-            log.warning("demo feed: publish failed: %s", exc)
+            if not failed:
+                log.warning("demo feed: publish failed (said once until it works again): %s", exc)
+            failed += 1
         delay = start + seq * period - loop.time()
         if delay < -1.0:  # fell far behind (loop stalled): do not burst to catch up
             start = loop.time() - seq * period

@@ -71,6 +71,9 @@ class WebSocketEndpoint:
         if server.draining:
             await _refuse(scope, send, 503, "draining: reconnect to another instance\n")
             return
+        if not server.broker.ready:  # nothing could be subscribed or published: come back later
+            await _refuse(scope, send, 503, "broker unavailable: reconnect later\n")
+            return
         origin = header(scope, b"origin")
         # Browsers always send Origin, so a request without it is no browser's: the check,
         # which keeps other sites' pages off the socket, has nothing to say about it.

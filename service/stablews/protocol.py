@@ -50,6 +50,7 @@ class CloseCause(StrEnum):
     RATE_LIMITED = "rate_limited"
     TOO_LARGE = "too_large"
     OVERLOADED = "overloaded"
+    BROKER_UNAVAILABLE = "broker_unavailable"
     ERROR = "error"
 
 
@@ -66,6 +67,7 @@ CLOSE_CODE_FOR_CAUSE: dict[CloseCause, CloseCode] = {
     CloseCause.RATE_LIMITED: CloseCode.RATE_LIMITED,
     CloseCause.TOO_LARGE: CloseCode.TOO_LARGE,
     CloseCause.OVERLOADED: CloseCode.OVERLOADED,
+    CloseCause.BROKER_UNAVAILABLE: CloseCode.OVERLOADED,  # 1013: try again later
     CloseCause.ERROR: CloseCode.INTERNAL_ERROR,
 }
 
@@ -82,6 +84,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
     NOT_SUBSCRIBED = "not_subscribed"
+    UNAVAILABLE = "unavailable"  # the broker cannot serve the request now (an extension)
     INTERNAL = "internal"
 
 
@@ -393,6 +396,19 @@ def encode_publication(channel: str, epoch: str, offset: int, data_json: str, ts
     return (
         f'{{"type":"message","channel":{encode_json(channel)},"epoch":{encode_json(epoch)},'
         f'"offset":{offset},"data":{data_json},"ts":{ts_ms}}}'
+    )
+
+
+PUBLICATION_MIDDLE = '","offset":'
+
+
+def publication_parts(channel: str, data_json: str, ts_ms: int) -> tuple[str, str]:
+    """`encode_publication` in two pieces around the epoch and offset, for a broker that assigns
+    them elsewhere (the Redis broker joins `head + epoch + PUBLICATION_MIDDLE + offset + tail`
+    where the offset is assigned). Epochs are plain tokens ([0-9a-f]) that JSON needs no escape for."""
+    return (
+        f'{{"type":"message","channel":{encode_json(channel)},"epoch":"',
+        f',"data":{data_json},"ts":{ts_ms}}}',
     )
 
 

@@ -34,6 +34,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from . import protocol
+from .broker import BrokerUnavailable
 from .client import StableClient
 from .recovery import CircuitState, GiveUp, Recovery, RecoveryPolicy
 
@@ -137,6 +138,10 @@ class Relay:
         self.resets = 0
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._broken: set[str] = set()  # local channels that lost a relayed message
+        # With a shared broker another instance may be the one relaying (singleton.py); with the
+        # embedded broker this instance always is.
+        self.standby = server.broker.shared
 
     @property
     def locals(self) -> list[str]:
@@ -156,20 +161,51 @@ class Relay:
     async def stop(self) -> None:
         raise NotImplementedError
 
+    async def lead(self) -> None:
+        """Start relaying on this instance. With a broker shared by several instances another one
+        may have relayed until now: what it published last is not known here, so local subscribers
+        resync before the first message (never a silent gap, never a repeat)."""
+        if self.server.broker.shared:
+            self._broken.update(self.locals)
+        self.standby = False
+        await self.start()
+
+    async def release(self) -> None:
+        """Stop relaying here (the lease went to another instance, or the server stops)."""
+        self.standby = True
+        await self.stop()
+
     async def _publish(self, channel: str, data: Any) -> None:
+        broker = self.server.broker
         try:
-            await self.server.broker.publish(channel, data)
+            if channel in self._broken:  # messages were lost here: local subscribers resync first
+                await self._reset([channel], "messages were dropped while the broker was unavailable")
+            await broker.publish(channel, data)
             self.messages_relayed += 1
-        except Exception as exc:  # broker unavailable, data not plain JSON: count it, keep relaying
+        except BrokerUnavailable as exc:
+            self._broken.add(channel)
+            self.messages_dropped += 1
+            self.last_error = f"publish to {channel} failed: {exc}"
+        except ValueError as exc:  # not plain JSON: count it, keep relaying
             self.messages_dropped += 1
             self.last_error = f"publish to {channel} failed: {exc}"
 
-    def _reset(self, channels: Sequence[str], why: str) -> None:
+    async def _reset(self, channels: Sequence[str], why: str) -> None:
         for channel in channels:
-            self.server.broker.reset(channel)
+            await self.server.broker.reset(channel)
+            self._broken.discard(channel)
             self.resets += 1
         log.warning("upstream relay reset local channels", extra={"upstream": self.key, "channels": list(channels),
                                                                   "why": why})
+
+    async def _lost(self, channels: Sequence[str], why: str) -> None:
+        """The source lost continuity: reset the local channels now, or at their next publication
+        when the broker cannot take the reset."""
+        try:
+            await self._reset(channels, why)
+        except BrokerUnavailable as exc:
+            self._broken.update(channels)
+            self.last_error = f"reset failed: {exc}"
 
     def _circuit(self, state: str) -> None:
         log.warning("upstream relay circuit %s", state, extra={"upstream": self.key, "last_error": self.last_error})
@@ -192,7 +228,7 @@ class Relay:
             "key": self.key,
             "url": self.url,
             "kind": self.kind,
-            "state": self.state,
+            "state": "standby" if self.standby else self.state,
             "routes": [f"{r.source}>{r.local}" for spec in self.specs for r in spec.routes],
             "messages_relayed": self.messages_relayed,
             "messages_dropped": self.messages_dropped,
@@ -246,8 +282,8 @@ class StablewsRelay(Relay):
         for local in self.targets.get(msg["channel"], ()):
             await self._publish(local, msg.get("data"))
 
-    def _on_resync(self, channel: str, info: dict[str, Any]) -> None:
-        self._reset(self.targets.get(channel, []), f"upstream {info.get('reason')}")
+    async def _on_resync(self, channel: str, info: dict[str, Any]) -> None:
+        await self._lost(self.targets.get(channel, []), f"upstream {info.get('reason')}")
 
     def _on_disconnected(self, info: dict[str, Any]) -> None:
         self.last_error = f"disconnected: {info.get('code')} {info.get('reason')}"
@@ -281,6 +317,7 @@ class JsonFeedRelay(Relay):
 
     async def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._state = "connecting"
             self._task = asyncio.create_task(self._run(), name=f"relay {self.url}")
 
@@ -322,7 +359,7 @@ class JsonFeedRelay(Relay):
                     await pong  # verified: the feed answers before we call it healthy
                 verified = True
                 if self.lost_once:  # what the feed sent while we were away is gone
-                    self._reset(self.locals, "feed reconnected: messages while away are lost")
+                    await self._lost(self.locals, "feed reconnected: messages while away are lost")
                 self._state = "connected"
                 self._recovered(recovery.succeeded())
                 async for frame in ws:

@@ -152,7 +152,7 @@ def test_prometheus_config_for_the_compose_stack():
     assert config["rule_files"] == ["*.rules.yml"]
     assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert jobs["stablews"]["static_configs"][0]["targets"] == ["stablews:8000"]
+    assert jobs["stablews"]["static_configs"][0]["targets"] == ["stablews:8000", "stablews-2:8000"]  # both instances
 
 
 # --- alerts: labels, annotations, runbooks ----------------------------------------------

@@ -36,7 +36,7 @@ import yaml
 from otlp_receiver import OtlpHttpReceiver
 from stablews.config import ENV_PREFIX, OPTIONS
 from stablews.protocol import NORMAL_CAUSES, CloseCause
-from support import hello_client
+from support import hello_client, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -465,14 +465,29 @@ def duration_seconds(text: str) -> float:
     return int(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[match.group(2)]
 
 
+def test_both_stablews_instances_share_one_redis_and_differ_only_by_id() -> None:
+    all_services = services()
+    one, two = environment(all_services["stablews"]), environment(all_services["stablews-2"])
+    assert one["STABLEWS_BROKER"] == "redis://redis:6379/0" and host_port(one["STABLEWS_BROKER"])[0] == "redis"
+    assert {k: v for k, v in one.items() if k != "STABLEWS_INSTANCE_ID"} == {
+        k: v for k, v in two.items() if k != "STABLEWS_INSTANCE_ID"
+    }
+    assert one["STABLEWS_INSTANCE_ID"] != two["STABLEWS_INSTANCE_ID"]
+    for name in ("stablews", "stablews-2"):
+        assert all_services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+    redis = [str(a) for a in all_services["redis"]["command"]]
+    assert redis[redis.index("--appendonly") + 1] == "yes", "the history survives a Redis restart"
+
+
 @pytest.mark.integration
-async def test_compose_stablews_command_runs_as_a_local_process() -> None:
+async def test_compose_stablews_command_runs_as_a_local_process(redis_server) -> None:
     service = services()["stablews"]
     argv = [str(a) for a in service["command"]]
     assert argv[:2] == ["stablews", "serve"] and argv[argv.index("--port") + 1] == "8000"
     argv[argv.index("--port") + 1] = "0"  # a port from the OS; everything else as in the compose file
     env = {k: v for k, v in os.environ.items() if not k.startswith((ENV_PREFIX, "OTEL_"))}
     env.update(environment(service))
+    env["STABLEWS_BROKER"] = redis_server.url  # a real redis-server here, instead of redis:6379
     env["PYTHONUNBUFFERED"] = "1"
     with OtlpHttpReceiver() as receiver:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint  # instead of http://otel-collector:4318
@@ -481,9 +496,12 @@ async def test_compose_stablews_command_runs_as_a_local_process() -> None:
             assert await asyncio.to_thread(server.listening.wait, 20), "did not listen:\n" + "".join(server.lines)
             base = f"http://127.0.0.1:{server.port}"
             async with httpx.AsyncClient(timeout=10) as http:
-                ready = await http.get(f"{base}/readyz")
+                ready = await wait_for(lambda: ready_answer(http, base), 20, "ready on its Redis")
                 assert (ready.status_code, ready.json()) == (200, {"ready": True})
                 stats = (await http.get(f"{base}/api/v1/websocket/stats")).json()
+            assert stats["broker"]["type"] == "redis"
+            async with httpx.AsyncClient(timeout=10) as http:  # the only instance on its Redis: it runs the feed
+                await wait_for(lambda: feed_running(http, base), 10, "the demo feed running here")
             compose_env = environment(service)
             interval = duration_seconds(compose_env["STABLEWS_HEARTBEAT_INTERVAL"])
             assert stats["heartbeats"]["interval_ms"] == interval * 1000, "the compose environment took effect"
@@ -514,6 +532,16 @@ async def test_compose_stablews_command_runs_as_a_local_process() -> None:
             assert code == 0, "".join(server.lines[-20:])
         finally:
             server.stop()
+
+
+async def feed_running(http: httpx.AsyncClient, base: str) -> bool:
+    stats = (await http.get(f"{base}/api/v1/websocket/stats")).json()
+    return stats["singletons"] == {"demo_feed": "running"}
+
+
+async def ready_answer(http: httpx.AsyncClient, base: str) -> httpx.Response | None:
+    answer = await http.get(f"{base}/readyz")
+    return answer if answer.status_code == 200 else None
 
 
 def test_compose_loadtest_command_parses() -> None:

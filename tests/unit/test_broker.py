@@ -398,7 +398,7 @@ async def test_reset_starts_a_new_epoch_and_tells_every_subscriber():
     await broker.subscribe("feed", b, None)
     await broker.subscribe("other", other, None)
     old = publish_many(broker, "feed", 3)[-1]
-    epoch = broker.reset("feed")
+    epoch = await broker.reset("feed")
     assert epoch != old.epoch
     for sub in (a, b):
         assert json.loads(sub.frames[-1]) == {

@@ -250,7 +250,9 @@ def test_bad_file_value_names_option_and_file(tmp_path):
         ("max_missed_heartbeats", "0", "at least 1"),
         ("port", "70000", "0-65535"),
         ("ws_path", "ws", "start with /"),
-        ("broker", "redis://localhost", "memory"),
+        ("broker", "postgres://localhost", "redis://"),
+        ("broker", "redis://localhost:notaport/0", "not a Redis URL"),
+        ("broker_prefix", "a{b}", "braces"),
         ("degraded_ratio", "1.5", "between 0 and 1"),
         ("max_message_bytes", "10", "at least 64"),
         ("demo_feed_rate", "0", "greater than 0"),
@@ -260,6 +262,13 @@ def test_out_of_range_value_names_option_and_rule(name, raw, problem):
     text = config_error(env={"STABLEWS_" + name.upper(): raw})
     assert name in text
     assert problem in text
+
+
+def test_a_redis_url_is_a_broker_and_its_password_is_never_echoed():
+    assert load_with(env={"STABLEWS_BROKER": "redis://127.0.0.1:6379/0"}).broker == "redis://127.0.0.1:6379/0"
+    assert load_with(env={"STABLEWS_BROKER": "rediss://user:pw@cache:6380/2"}).broker.startswith("rediss://")
+    text = config_error(env={"STABLEWS_BROKER": "redis://:hunter2@cache:bad/0"})
+    assert "broker" in text and "hunter2" not in text
 
 
 def test_value_with_newline_is_still_one_line():

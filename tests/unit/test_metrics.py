@@ -49,6 +49,12 @@ CATALOGUE: dict[str, tuple[str, tuple[str, ...]]] = {
     "stablews_shutdown_drain_seconds": ("gauge", ()),
     "stablews_ready": ("gauge", ()),
     "stablews_build_info": ("gauge", ("version",)),
+    # Beyond the design's table: the broker (a Redis broker's link and streams; docs/observability.md).
+    "stablews_broker_connected": ("gauge", ()),
+    "stablews_broker_reconnect_attempts_total": ("counter", ("outcome",)),
+    "stablews_broker_publish_failures_total": ("counter", ()),
+    "stablews_broker_entries_read_total": ("counter", ()),
+    "stablews_stream_resets_total": ("counter", ("reason",)),
 }
 CAUSES = {str(c) for c in CloseCause}
 CODES = {str(c) for c in ErrorCode}
@@ -405,6 +411,7 @@ def test_label_sets_stay_bounded_whatever_the_connections():
     allowed = {
         "cause": CAUSES, "code": CODES, "event": set(EVENTS), "result": {"recovered", "not_recovered"},
         "health": {"healthy", "unhealthy", "stale"}, "version": {server.version},
+        "outcome": {"success", "failure"}, "reason": {"reset", "new_epoch", "gap"},
     }
     for family in parse_openmetrics(after):
         for sample in family.samples:

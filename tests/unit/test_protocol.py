@@ -476,6 +476,7 @@ def test_error_codes_match_protocol_md():
         "rate_limited",
         "not_subscribed",
         "internal",
+        "unavailable",  # an extension: the broker cannot serve the request now (docs/protocol.md)
     }
 
 

@@ -41,6 +41,7 @@ ERROR_CODES = tuple(str(code) for code in ErrorCode)
 HEALTH_STATES = (HEALTHY, UNHEALTHY, STALE)
 RESUME_RESULTS = ("recovered", "not_recovered")
 OUTCOMES = ("success", "failure")
+RESET_REASONS = ("reset", "new_epoch", "gap")
 CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
 
 # Buckets (upper bounds; +Inf is added by the library).
@@ -198,15 +199,55 @@ class CoreCollector(Collector):
         if not describe:
             for relay in server.relays:
                 recovery = relay.recovery
-                connected.add_metric([relay.key], 1 if relay.state == "connected" else 0)
+                if not relay.standby:  # another instance relays it: nothing to say here
+                    connected.add_metric([relay.key], 1 if relay.state == "connected" else 0)
                 attempts.add_metric([relay.key, "success"], recovery.successes)
                 attempts.add_metric([relay.key, "failure"], recovery.failures)
-                circuit.add_metric([relay.key], CIRCUIT_VALUES[recovery.circuit_state])
-                opened.add_metric([relay.key], recovery.breaker.opened_total)
+            for target, recovery in server.circuit_breakers().items():
+                circuit.add_metric([target], CIRCUIT_VALUES[recovery.circuit_state])
+                opened.add_metric([target], recovery.breaker.opened_total)
         yield connected
         yield attempts
         yield circuit
         yield opened
+
+        # ---- the broker (a broker outside the process has a connection of its own)
+        broker = server.broker
+        figures = {} if describe else broker.stats()
+        yield gauge(
+            "stablews_broker_connected", "1 when the broker can serve (always 1 for the memory broker).",
+            1 if broker.ready else 0,
+        )
+        link = CounterMetricFamily(
+            "stablews_broker_reconnect_attempts_total",
+            "Connection attempts of the broker's link (the first included), by outcome.", labels=["outcome"],
+        )
+        if not describe:
+            recovery = broker.recovery
+            link.add_metric(["success"], recovery.successes if recovery is not None else 0)
+            link.add_metric(["failure"], recovery.failures if recovery is not None else 0)
+        yield link
+        yield counter(
+            "stablews_broker_publish_failures_total", "Publications refused because the broker was unavailable.",
+            figures.get("publish_failures_total", 0),
+        )
+        yield counter(
+            "stablews_broker_entries_read_total", "Stream entries this instance read from the shared broker.",
+            figures.get("entries_read_total", 0),
+        )
+        resets = CounterMetricFamily(
+            "stablews_stream_resets_total",
+            "Streams whose subscribers here were told to resync, by reason: reset (the relayed source lost "
+            "continuity), new_epoch (the broker lost the history), gap (this instance read too late).",
+            labels=["reason"],
+        )
+        if not describe:
+            # The memory broker tells its subscribers of its own resets; a shared broker reports
+            # what this instance's subscribers were told, whoever made the change.
+            seen = figures.get("discontinuities") or {"reset": figures.get("resets_total", 0)}
+            for reason in RESET_REASONS:
+                resets.add_metric([reason], seen.get(reason, 0))
+        yield resets
 
         # ---- the server
         yield gauge("stablews_ready", "1 serving, 0 draining or not started.", 1 if server.ready else 0)
