@@ -15,9 +15,10 @@ machine conditions.
    deliveries; every subscriber must get every offset once, in order. Ratio redis/memory.
 3. Failover (redis only): instances A and B on the same Redis, `--failover-clients` StableClients
    (the project's client, in worker processes, `urls=[B, A]`, recovery options from
-   `--initial-delay`, `--jitter-max`) subscribed on B while A takes `--rate` publications a
-   second. B is killed with SIGKILL; the time from the kill to each client's resumed channel on
-   A (its `recovered` event), and whether any client lost, repeated or resynced a message.
+   `--initial-delay`, `--jitter-max`) subscribed on B while A takes `--failover-rate` (100)
+   publications a second. B is killed with SIGKILL; the time from the kill to each client's
+   resumed channel on A (its `recovered` event), and whether any client lost, repeated or
+   resynced a message.
 
 Times come from time.monotonic() (CLOCK_MONOTONIC, one clock for every process on the machine)
 except latency, which uses time.time() in both the publisher and the subscribers (same machine).
@@ -379,7 +380,7 @@ async def run_failover(redis: Redis, opts: Options) -> Json:
     stop = asyncio.Event()
     acked: list[int] = []
     publisher: asyncio.Task[None] | None = None
-    result: Json = {"clients": opts.failover_clients, "rate": opts.rate, "initial_delay": opts.initial_delay,
+    result: Json = {"clients": opts.failover_clients, "rate": opts.failover_rate, "initial_delay": opts.initial_delay,
                     "jitter_max": opts.jitter_max}
     try:
         await wait_ready(a)
@@ -391,7 +392,7 @@ async def run_failover(redis: Redis, opts: Options) -> Json:
         ready = await workers_ready(workers, 120)
         if {s for r in ready for s in r["servers"]} != {"b"}:
             raise BenchError(f"clients not all on B: {[r['servers'] for r in ready]}")
-        publisher = asyncio.create_task(http_publisher(a.port, FAILOVER_CHANNEL, opts.rate, stop, acked))
+        publisher = asyncio.create_task(http_publisher(a.port, FAILOVER_CHANNEL, opts.failover_rate, stop, acked))
         await asyncio.sleep(2)  # traffic flows before the kill
         killed_at = time.monotonic()
         b.proc.send_signal(signal.SIGKILL)
@@ -443,6 +444,7 @@ class Options:
     seconds: float
     latency_subscribers: int
     failover_clients: int
+    failover_rate: float
     initial_delay: float
     jitter_max: float
 
@@ -544,6 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5, help="length of the latency run (default %(default)s)")
     parser.add_argument("--latency-subscribers", type=int, help="latency subscribers (default 100)")
     parser.add_argument("--failover-clients", type=int, help="clients on the killed instance (default 1000)")
+    parser.add_argument("--failover-rate", type=float, default=100,
+                        help="publications a second during the failover (default %(default)s: the default history "
+                             "of 1000 messages then covers 10 s away)")
     parser.add_argument("--initial-delay", type=float, default=1.0, help="clients' first backoff (default 1 s)")
     parser.add_argument("--jitter-max", type=float, default=1.0, help="clients' jitter (default 1 s)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
@@ -565,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=args.seconds,
         latency_subscribers=args.latency_subscribers or (20 if args.quick else 100),
         failover_clients=args.failover_clients or (100 if args.quick else 1000),
+        failover_rate=args.failover_rate,
         initial_delay=args.initial_delay,
         jitter_max=args.jitter_max,
     )

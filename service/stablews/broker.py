@@ -7,6 +7,7 @@ frame every subscriber receives.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -72,6 +73,13 @@ class Broker(ABC):
 
     @abstractmethod
     async def publish(self, channel: str, data: Any) -> PublishResult: ...
+
+    @abstractmethod
+    def publish_nowait(self, channel: str, data: Any) -> PublishResult | asyncio.Future[PublishResult]:
+        """Start a publication without waiting: its result at once (an embedded broker), or a
+        future of it (a broker outside the process: publications started in one loop iteration
+        travel together, in order). Bad data and an unavailable broker raise here; a later
+        failure is a BrokerUnavailable on the future."""
 
     @abstractmethod
     async def subscribe(
@@ -199,6 +207,9 @@ class MemoryBroker(Broker):
         return PublishResult(channel, stream.epoch, offset, ts_ms)
 
     async def publish(self, channel: str, data: Any) -> PublishResult:
+        return self.publish_now(channel, data)
+
+    def publish_nowait(self, channel: str, data: Any) -> PublishResult:
         return self.publish_now(channel, data)
 
     def recover(self, stream: Stream, since: Position) -> list[str] | None:

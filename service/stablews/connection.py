@@ -16,6 +16,7 @@ queue, and the scheduler abandons a close still stuck after its deadline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import health, outbound, protocol
 from .auth import OPEN, AuthError, Grants
-from .broker import Broker, BrokerUnavailable, SubscribeResult
+from .broker import Broker, BrokerUnavailable, PublishResult, SubscribeResult
 from .protocol import CloseCause, ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
@@ -600,7 +601,7 @@ class Connection:
         elif kind is protocol.Unsubscribe:
             self._unsubscribe(message.channel)  # type: ignore[union-attr]
         elif kind is protocol.Publish:
-            await self._publish(message)  # type: ignore[arg-type]
+            self._publish(message)  # type: ignore[arg-type]
 
     def _within_rate(self, now: float) -> bool:
         """Token bucket: `rate_limit` messages/s, bursts of `rate_limit_burst`. Over it, messages are
@@ -777,7 +778,7 @@ class Connection:
         self.push(protocol.unsubscribed(channel, "client"))
         self.note("unsubscribe", channel)
 
-    async def _publish(self, message: protocol.Publish) -> None:
+    def _publish(self, message: protocol.Publish) -> None:
         ref = message.id if message.id is not None else "publish"
         if not self.manager.settings.client_publish:
             self.refuse(ErrorCode.FORBIDDEN, "clients may not publish (client_publish is off)", ref, message.channel)
@@ -788,14 +789,28 @@ class Connection:
             return
         assert self.broker is not None
         try:
-            result = await self.broker.publish(message.channel, message.data)
+            outcome = self.broker.publish_nowait(message.channel, message.data)
         except ValueError:
             self.reject(ProtocolError(ErrorCode.BAD_MESSAGE, "'data' must be plain JSON (no NaN or Infinity)", ref))
             return
         except BrokerUnavailable as exc:
             self.refuse(ErrorCode.UNAVAILABLE, f"publish failed: {exc}", ref, message.channel)
             return
-        self.push(protocol.published(message.id, result.channel, result.offset))
+        if outcome.__class__ is PublishResult:
+            self.push(protocol.published(message.id, outcome.channel, outcome.offset))  # type: ignore[union-attr]
+        else:
+            # Not waited for: the next messages are read meanwhile, so a client's pipelined publishes
+            # travel to the broker together; their acknowledgements come in the same order.
+            outcome.add_done_callback(functools.partial(self._published, message.id, ref, message.channel))  # type: ignore[union-attr]
+
+    def _published(self, ident: str | int | None, ref: str | int, channel: str, outcome: Any) -> None:
+        if outcome.cancelled():
+            return
+        exc = outcome.exception()
+        if exc is None:
+            self.push(protocol.published(ident, channel, outcome.result().offset))
+        elif self.state is State.OPEN:
+            self.refuse(ErrorCode.UNAVAILABLE, f"publish failed: {exc}", ref, channel)
 
     # ------------------------------------------------------------ the end
 

@@ -41,7 +41,7 @@ from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import protocol
@@ -49,6 +49,7 @@ from .broker import Broker, BrokerUnavailable, PublishResult, Subscriber, Subscr
 from .follower import Step, StreamFollower
 from .protocol import Position
 from .recovery import CircuitState, Recovery, RecoveryPolicy
+from .redis_pipeline import CommandPipeline
 
 log = logging.getLogger("stablews.redis")
 
@@ -281,6 +282,8 @@ class RedisBroker(Broker):
         self._commands: aioredis.Redis | None = None
         self._reader_pool: aioredis.ConnectionPool | None = None
         self._scripts: dict[str, Any] = {}
+        self._pipeline: CommandPipeline = None  # type: ignore[assignment]  # made in start()
+        self._publish_sha = ""
         self._wake_id = "0-0"
         # figures
         self.published_total = 0
@@ -310,8 +313,13 @@ class RedisBroker(Broker):
         self._reader_pool = aioredis.ConnectionPool.from_url(
             self.url, socket_timeout=BLOCK_MS / 1000 + self.timeout, protocol=3, **common
         )
-        scripts = (("publish", PUBLISH), ("snapshot", SNAPSHOT), ("check", CHECK), ("reset", RESET),
-                   ("claim", CLAIM), ("release", RELEASE))
+        # Publications: one connection, pipelined; each answer is bounded by the pipeline itself.
+        self._pipeline = CommandPipeline(
+            aioredis.ConnectionPool.from_url(self.url, socket_timeout=None, **common),
+            self.timeout, self._fail, self._publish_failed,
+        )
+        scripts = (("snapshot", SNAPSHOT), ("check", CHECK), ("reset", RESET), ("claim", CLAIM),
+                   ("release", RELEASE))
         for name, text in scripts:
             self._scripts[name] = self._commands.register_script(text)
         self._tasks = [
@@ -335,6 +343,8 @@ class RedisBroker(Broker):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 if task.done():
                     task.result()
+        if self._pipeline is not None:
+            await self._pipeline.stop(RedisConnectionError("the broker stopped"))
         if self._commands is not None:
             with contextlib.suppress(Exception):
                 await self._commands.aclose()
@@ -361,6 +371,8 @@ class RedisBroker(Broker):
             try:
                 async with asyncio.timeout(self.timeout * 2):
                     await self._commands.ping()  # the reader connects its own connection when it is ready
+                    self._publish_sha = await self._commands.script_load(PUBLISH)
+                    await self._pipeline.start()
                     last = await self._commands.xrevrange(self.wake_key, count=1)
                     self._wake_id = last[0][0] if last else "0-0"
                 await self._check(list(self.followers.values()))
@@ -416,23 +428,41 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------ publish
 
-    async def publish(self, channel: str, data: Any) -> PublishResult:
+    def publish_nowait(self, channel: str, data: Any) -> asyncio.Future[PublishResult]:
+        """Start a publication; its result (or BrokerUnavailable) comes on the future. Publications
+        asked for in one loop iteration go to Redis in one write, in the order asked."""
         data_json = encode_data(data)  # before anything else: bad data is the caller's error
         if not self._ready.is_set():
             self.publish_failures += 1
             raise self._unavailable()
         ts_ms = int(self._wall() * 1000)
         head, tail = protocol.publication_parts(channel, data_json, ts_ms)
-        try:
-            epoch, offset = await self._scripts["publish"](
-                keys=self.keys(channel),
-                args=[new_epoch(), head, tail, self.stream_cap, self.key_ttl_ms, self.history_ttl_ms],
-            )
-        except ANY_ERROR as exc:
-            self.publish_failures += 1
-            raise self._unavailable(exc) from None
-        self.published_total += 1
-        return PublishResult(channel, epoch, int(offset), ts_ms)
+        meta, stream = self.keys(channel)
+
+        def settle(reply: list[Any]) -> PublishResult:
+            self.published_total += 1
+            return PublishResult(channel, str(reply[0]), int(reply[1]), ts_ms)
+
+        return self._pipeline.call(
+            ("EVALSHA", self._publish_sha, 2, meta, stream, new_epoch(), head, tail, self.stream_cap,
+             self.key_ttl_ms, self.history_ttl_ms),
+            settle,
+        )
+
+    async def publish(self, channel: str, data: Any) -> PublishResult:
+        return await self.publish_nowait(channel, data)
+
+    def _publish_failed(self, exc: BaseException) -> BrokerUnavailable:
+        """What a publisher gets when its publication failed (the pipeline's translation)."""
+        self.publish_failures += 1
+        if isinstance(exc, NoScriptError):  # the script cache was flushed: the link reloads it
+            self._fail(exc)
+            return BrokerUnavailable(self.why_unavailable())
+        if isinstance(exc, LINK_ERRORS):
+            self._fail(exc)
+            return BrokerUnavailable(self.why_unavailable())
+        log.error("redis refused a publication: %s", _describe(exc), extra={"broker": redact(self.url)})
+        return BrokerUnavailable(f"redis: {_describe(exc)}")
 
     async def reset(self, channel: str) -> str:
         if not self._ready.is_set():

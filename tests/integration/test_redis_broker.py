@@ -91,6 +91,28 @@ async def test_offsets_are_assigned_once_for_all_instances(make):
     assert len({r.epoch for r in done}) == 1
 
 
+async def test_publications_started_together_keep_their_order(make):
+    broker = await make()
+    futures = [broker.publish_nowait("c", n) for n in range(500)]  # one loop iteration: one write
+    results = await asyncio.gather(*futures)
+    assert [r.offset for r in results] == list(range(1, 501))
+    assert broker.stats()["published_total"] == 500
+
+
+async def test_publications_in_flight_when_redis_dies_each_get_an_answer(make, redis_server):
+    broker = await make()
+    futures = [broker.publish_nowait("c", n) for n in range(2000)]
+    await asyncio.sleep(0)  # the first batch is written
+    redis_server.kill()
+    answers = await asyncio.gather(*futures, return_exceptions=True)
+    published = [a.offset for a in answers if not isinstance(a, BaseException)]
+    refused = [a for a in answers if isinstance(a, BaseException)]
+    assert all(isinstance(a, BrokerUnavailable) for a in refused), {type(a) for a in refused}
+    assert published == list(range(1, len(published) + 1))  # what got through, in order; the rest refused
+    assert len(published) + len(refused) == 2000 and refused
+    assert not broker.ready
+
+
 async def test_recovery_replays_exactly_what_was_missed_or_nothing(make):
     a, b = await make(history_size=20, max_recovery_messages=10), await make(history_size=20)
     results = [await b.publish("c", n) for n in range(30)]

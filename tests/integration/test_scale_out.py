@@ -319,3 +319,20 @@ async def test_an_upstream_is_relayed_once_and_moves_when_its_relay_dies(start_s
     assert after == list(range(1, len(after) + 1))  # the reset stream, from its first message
     tail = [d["seq"] for d in received.data[-20:]]
     assert tail == list(range(tail[0], tail[0] + 20))
+
+
+async def test_a_clients_pipelined_publishes_are_acknowledged_in_order(start_server, redis_server):
+    a = instance(start_server, redis_server, "a", "--client-publish", "true")
+    await ready(a)
+    publisher, _ = await hello_client(a.ws)
+    subscriber, _ = await hello_client(a.ws)
+    await subscriber.send({"type": "subscribe", "channel": "md.orders"})
+    await subscriber.recv_type("subscribed")
+    for n in range(300):  # sent back to back, no ack awaited
+        await publisher.send({"type": "publish", "channel": "md.orders", "data": n, "id": f"p{n}"})
+    acks = [await publisher.recv_type("published") for _ in range(300)]
+    assert [(ack["id"], ack["offset"]) for ack in acks] == [(f"p{n}", n + 1) for n in range(300)]
+    got = [await subscriber.recv_type("message") for _ in range(300)]
+    assert [(m["offset"], m["data"]) for m in got] == [(n + 1, n) for n in range(300)]
+    for client in (publisher, subscriber):
+        await client.close()
