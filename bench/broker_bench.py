@@ -447,6 +447,7 @@ class Options:
     failover_rate: float
     initial_delay: float
     jitter_max: float
+    only: str
 
 
 def fanout_options(opts: Options) -> core_bench.Options:
@@ -474,7 +475,7 @@ async def bench(opts: Options, output: Path, argv: Sequence[str]) -> int:
     failed = False
     try:
         order = [("memory", "redis") if i % 2 == 0 else ("redis", "memory") for i in range(opts.repeat)]
-        for measure in ("fanout", "latency"):
+        for measure in [m for m in ("fanout", "latency") if opts.only in ("all", m)]:
             print(f"{measure}:", flush=True)
             for i, pair in enumerate(order):
                 for name in pair:
@@ -498,14 +499,15 @@ async def bench(opts: Options, output: Path, argv: Sequence[str]) -> int:
                     shown = {k: run.get(k) for k in ("delivered_per_second", "p50_ms", "p99_ms", "max_ms",
                                                      "exact_subscribers", "problem", "error") if k in run}
                     print(f"  {name:6} run {i + 1}: {shown}", flush=True)
-        print("failover:", flush=True)
-        redis.flush()
-        try:
-            results["failover"] = await run_failover(redis, opts)
-        except BenchError as exc:
-            results["failover"] = {"error": str(exc)}
-            failed = True
-        print(f"  {results['failover']}", flush=True)
+        if opts.only in ("all", "failover"):
+            print("failover:", flush=True)
+            redis.flush()
+            try:
+                results["failover"] = await run_failover(redis, opts)
+            except BenchError as exc:
+                results["failover"] = {"error": str(exc)}
+                failed = True
+            print(f"  {results['failover']}", flush=True)
     finally:
         redis.stop()
     fan = {n: median(results["fanout"][n], "delivered_per_second") for n in ("memory", "redis")}
@@ -551,6 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "of 1000 messages then covers 10 s away)")
     parser.add_argument("--initial-delay", type=float, default=1.0, help="clients' first backoff (default 1 s)")
     parser.add_argument("--jitter-max", type=float, default=1.0, help="clients' jitter (default 1 s)")
+    parser.add_argument("--only", choices=("all", "fanout", "latency", "failover"), default="all")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -573,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failover_rate=args.failover_rate,
         initial_delay=args.initial_delay,
         jitter_max=args.jitter_max,
+        only=args.only,
     )
     return run_bench("broker_bench", lambda: bench(opts, args.output, args_list))
 
