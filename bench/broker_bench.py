@@ -39,6 +39,7 @@ import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,7 +93,7 @@ class Redis:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 self.port = sock.getsockname()[1]
-            self.proc = __import__("subprocess").Popen(
+            self.proc = subprocess.Popen(
                 [executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
                  "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log")],
             )

@@ -4,29 +4,19 @@ persistence), which is how the tests make Redis fail."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
+from promkit import binary, free_port
 
 START_DEADLINE = 15.0
 
 
 def redis_binary(name: str = "redis-server") -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found: apt-get install redis-server", pytrace=False)
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return binary(name, "redis-server")
 
 
 def _ping(port: int) -> bool:
@@ -51,7 +41,7 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = directory / "redis.log"
         for _ in range(5):  # the free port may be taken between the probe and the bind
-            self.port = _free_port()
+            self.port = free_port()
             if self.start():
                 return
         raise RuntimeError(f"redis-server did not start: {self.log.read_text()[-2000:]}")

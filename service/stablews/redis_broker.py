@@ -455,10 +455,8 @@ class RedisBroker(Broker):
     def _publish_failed(self, exc: BaseException) -> BrokerUnavailable:
         """What a publisher gets when its publication failed (the pipeline's translation)."""
         self.publish_failures += 1
-        if isinstance(exc, NoScriptError):  # the script cache was flushed: the link reloads it
-            self._fail(exc)
-            return BrokerUnavailable(self.why_unavailable())
-        if isinstance(exc, LINK_ERRORS):
+        # The link broke, or the script cache was flushed: either way the link starts over (and reloads it).
+        if isinstance(exc, (NoScriptError, *LINK_ERRORS)):
             self._fail(exc)
             return BrokerUnavailable(self.why_unavailable())
         log.error("redis refused a publication: %s", _describe(exc), extra={"broker": redact(self.url)})
