@@ -224,7 +224,7 @@ class StableServer:
             stats["broker"] = self.broker.recovery.stats()
         return stats
 
-    def upstream_problems(self) -> list[str]:
+    def dependency_problems(self) -> list[str]:
         """Reasons the service is degraded because of what it depends on: the broker unavailable,
         an upstream's circuit not closed, a relay stopped."""
         problems = []
@@ -247,11 +247,11 @@ class StableServer:
         return targets
 
     def service_status(self, status: str, reasons: list[str]) -> tuple[str, list[str]]:
-        """The fleet's status and reasons with the server's own conditions added: an upstream
+        """The fleet's status and reasons with the server's own conditions added: a broker or upstream
         problem degrades a healthy service; a drain makes it unhealthy, whatever the figures."""
-        problems = self.upstream_problems()
+        problems = self.dependency_problems()
         if problems and status == "healthy":
-            status = "degraded"  # local clients are served; some relayed channels are not
+            status = "degraded"  # local clients are served; some channels are not (broker, relays)
         reasons = [*reasons, *problems]
         if self.draining:
             return "unhealthy", ["draining", *reasons]

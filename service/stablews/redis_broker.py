@@ -254,7 +254,6 @@ class RedisBroker(Broker):
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
-        self.history_size = history_size
         self.history_ttl_ms = int(history_ttl * 1000)
         self.max_replay = min(history_size, max_recovery_messages)
         self.key_ttl_ms = int(key_ttl * 1000)
