@@ -211,7 +211,9 @@ async def test_a_reset_in_the_same_millisecond_as_a_publication_still_reaches_ev
     for round_ in range(30):  # back to back: most rounds land in one millisecond
         await a.publish("feed", round_)
         epoch = await a.reset("feed")
-        await wait_for(lambda epoch=epoch: [m["epoch"] for m in there.messages()[-1:]] == [epoch], 5, f"reset {round_} seen")
+        await wait_for(
+            lambda epoch=epoch: [m["epoch"] for m in there.messages()[-1:]] == [epoch], 5, f"reset {round_} seen"
+        )
     assert b.stats()["discontinuities"]["reset"] == 30
 
 
