@@ -304,8 +304,12 @@ class RedisBroker(Broker):
             return
         retry = Retry(NoBackoff(), 0)  # failures go to the recovery machinery, not a hidden retry
         common: dict[str, Any] = {"decode_responses": True, "retry": retry, "socket_connect_timeout": self.timeout}
+        # Commands queue for a pooled connection without a deadline (timeout=None): the wait is
+        # load, not a broken link, and each command is bounded by socket_timeout once it runs.
+        # With a deadline, a burst of resumes (thousands of snapshots) would time out in the
+        # queue and be taken for Redis going away.
         pool = aioredis.BlockingConnectionPool.from_url(
-            self.url, max_connections=POOL_SIZE, timeout=self.timeout, socket_timeout=self.timeout, **common
+            self.url, max_connections=POOL_SIZE, timeout=None, socket_timeout=self.timeout, **common
         )
         self._commands = aioredis.Redis(connection_pool=pool)
         # RESP3, so the reply's shape is fixed whatever the client's default: {stream: [[id, [fields]]]}.

@@ -346,3 +346,20 @@ async def test_the_redis_and_memory_brokers_answer_a_resume_alike(make):
             row.append((result.recovered, [json.loads(f)["data"] for f in result.replay]))
         answers.append(row)
     assert answers[0] == answers[1]
+
+
+async def test_a_burst_of_resumes_waits_for_redis_connections_without_taking_redis_for_gone(make):
+    # 2,000 resumes at once (a reconnect storm) share the 32 pooled connections: most wait far
+    # longer than the 0.25 s broker timeout for one. That is load: every resume gets its replay and
+    # the broker stays ready.
+    broker = await make(timeout=0.25)
+    first = await broker.publish("storm", 0)
+    for n in range(1, 100):
+        await broker.publish("storm", n)
+    subs = [Sub() for _ in range(2000)]
+    since = Position(first.epoch, first.offset)
+    results = await asyncio.gather(*(broker.subscribe("storm", sub, since) for sub in subs), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, f"{len(failed)} resumes failed, first: {failed[0]!r}"
+    assert broker.ready
+    assert all(r.recovered is True and len(r.replay) == 99 for r in results)  # type: ignore[union-attr]
