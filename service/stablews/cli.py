@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__, config, logs
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _loadtest_arguments(loadtest)
     _add_option_flags(loadtest, CLIENT_OPTIONS)
+    # Listed for --help; main() hands `bench` and everything after it to the suite, which has its own flags.
+    commands.add_parser(
+        "bench",
+        help="the benchmark suite: every figure against a baseline in the same run (stablews bench --help)",
+        add_help=False,
+    )
     token = commands.add_parser(
         "token",
         help="print a signed token the service accepts",
@@ -94,8 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _loadtest_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `stablews loadtest`, kept as text: loadtest.parse_options checks them (one line, exit 2)."""
     add = parser.add_argument
-    add("url", help="the server's WebSocket URL, e.g. ws://127.0.0.1:8000/ws")
+    add("url", nargs="+", help="the server's WebSocket URL, e.g. ws://127.0.0.1:8000/ws; several (repeated or "
+        "comma-separated) for several instances: clients start on them round robin and move on when one fails")
     add("--clients", default="50", metavar="N", help="recovering clients (default 50)")
+    add("--processes", default="auto", metavar="N", help="processes running the clients; auto = 1 up to 2000 "
+        "clients, else 1 per 2000 up to the CPU count, and enough for the open-file limit (default auto)")
     add("--channels", default="demo.ticker", metavar="C1,C2", help="channels every client joins (default demo.ticker)")
     add("--publish-rate", default="0", metavar="R", help="messages/s the tool publishes over the socket, round robin "
         "over the channels; 0 = rely on the server's feed (default 0; needs client_publish on the server)")
@@ -118,6 +128,7 @@ def _loadtest_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 5s)")
     add("--open-timeout", default="10s", metavar="SECONDS", help="handshake and welcome deadline per attempt "
         "(default 10s)")
+    add("--worker", action="store_true", help=argparse.SUPPRESS)  # a worker process: its spec comes on stdin
 
     def one_line_error(message: str) -> None:  # argparse prints the usage too: one line is enough here
         parser.exit(2, f"stablews loadtest: {message} (see stablews loadtest --help)\n")
@@ -129,7 +140,21 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
 
 
+def _bench(argv: Sequence[str]) -> int:
+    """`stablews bench`: bench/suite.py of the source tree, run in place of this process (signals go straight to it)."""
+    suite = Path(__file__).resolve().parents[2] / "bench" / "suite.py"
+    if not suite.is_file():
+        print(f"stablews bench: the suite is part of the source tree and {suite} is not there: run it from a "
+              "checkout installed with `pip install -e .`", file=sys.stderr)
+        return 2
+    os.execv(sys.executable, [sys.executable, str(suite), *argv])
+    return 2  # not reached
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        return _bench(arguments[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
