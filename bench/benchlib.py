@@ -3,15 +3,17 @@
 The scripts are run as `python bench/<name>.py`, so this module is importable as `benchlib`
 (the script's directory is on sys.path, for the workers the scripts start as well).
 
-- servers: `ServerProcess` starts bench/baseline_app.py (`bare`) or `stablews serve` (`stablews`) on
-  127.0.0.1 with port 0, reads the port from the `listening` log line and then keeps reading stderr
-  (a full pipe would block the server), handing each line to `keep`;
+- servers: `ServerProcess` starts bench/baseline_app.py (`bare`), `stablews serve` (`stablews`) or
+  bench/socketio_app.py (`socketio`, python-socketio) on 127.0.0.1 with port 0, reads the port from the
+  `listening` log line and then keeps reading stderr (a full pipe would block the server), handing each
+  line to `keep`. `KINDS` are the two most scripts compare; `SERVER_KINDS` adds `socketio`;
 - client workers: `ClientWorker` opens a worker's connections (`open_client`: the stablews.v1
-  subprotocol for both servers; on stablews `hello`, `subscribe` and wait for `subscribed`, pings
-  answered) and prints the `ready` event; `WorkerProcess` is a worker as seen from the main process
-  (JSON events on its stdout, commands on its stdin);
-- `dumps`, `emit`, `split_frame`, `wait_until`, `http_get`, `http_get_json`, `raise_nofile_limit`,
-  `service_revision`, `run_bench`.
+  subprotocol for bare and stablews, on stablews `hello`, `subscribe` and wait for `subscribed`, pings
+  answered; on socketio Engine.IO v4 / Socket.IO v5 over the websocket transport: connect to `/`, emit
+  `join` with the channel and wait for its ack) and prints the `ready` event; `WorkerProcess` is a
+  worker as seen from the main process (JSON events on its stdout, commands on its stdin);
+- `dumps`, `emit`, `split_frame`, `frame_messages`, `pong`, `wait_until`, `http_get`, `http_get_json`,
+  `raise_nofile_limit`, `service_revision`, `run_bench`.
 """
 
 from __future__ import annotations
@@ -36,12 +38,20 @@ from websockets.typing import Subprotocol
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 BASELINE_APP = BENCH_DIR / "baseline_app.py"
+SOCKETIO_APP = BENCH_DIR / "socketio_app.py"
 
 HOST = "127.0.0.1"
 KINDS = ("bare", "stablews")
+SERVER_KINDS = (*KINDS, "socketio")
 SUBPROTOCOL = Subprotocol("stablews.v1")
 DEFAULT_MAX_QUEUE = 16  # websockets' connect() default
 STREAM_LIMIT = 64 * 1024  # asyncio's default line limit for a subprocess's pipes
+
+# Engine.IO v4 packets are text frames whose first character is the type; a MESSAGE (4) carries a
+# Socket.IO v5 packet (its type next, then an optional ack id and the JSON), on the `/` namespace here.
+EIO_OPEN, EIO_PING, EIO_PONG = "0", "2", "3"
+SIO_CONNECT, SIO_EVENT, SIO_ACK, SIO_CONNECT_ERROR = "40", "42", "43", "44"
+SOCKETIO_PATH = "/socket.io/?EIO=4&transport=websocket"  # straight to websocket: no polling first
 
 Json = dict[str, Any]
 T = TypeVar("T")
@@ -67,6 +77,32 @@ def emit(obj: Json) -> None:
 def split_frame(frame: str | bytes) -> list[dict[str, Any]]:
     """The messages of one server frame (a frame may carry several, one per line)."""
     return [json.loads(line) for line in str(frame).split("\n") if line]
+
+
+def socketio_messages(frame: str | bytes) -> list[dict[str, Any]]:
+    """One Engine.IO frame (one packet) in split_frame's terms, so one reader serves every server: the
+    event `42["message", data]` as {"type": "message", "offset": data["seq"], "data": data} (the
+    publisher numbers its payloads 1..N, as stablews numbers offsets), the ping `2` as {"type": "ping"},
+    any other packet as {"type": "socketio <its first two characters>"}."""
+    text = str(frame)
+    if text == EIO_PING:
+        return [{"type": "ping"}]
+    if text.startswith(SIO_EVENT + "["):
+        name, *args = json.loads(text[len(SIO_EVENT) :])
+        if name == "message" and args and isinstance(args[0], dict):
+            return [{"type": "message", "offset": args[0].get("seq"), "data": args[0]}]
+        return [{"type": f"socketio event {name}"}]
+    return [{"type": f"socketio {text[:2]}"}]
+
+
+def frame_messages(kind: str, frame: str | bytes) -> list[dict[str, Any]]:
+    """The messages of one frame from a `kind` server, as split_frame gives them."""
+    return socketio_messages(frame) if kind == "socketio" else split_frame(frame)
+
+
+def pong(kind: str, ping: Json) -> str:
+    """The answer to a `ping` message of frame_messages."""
+    return EIO_PONG if kind == "socketio" else dumps({"type": "pong", "id": ping["id"]})
 
 
 def raise_nofile_limit() -> int:
@@ -200,6 +236,31 @@ async def await_subscribed(ws: ClientConnection) -> None:
     raise BenchError("no 'subscribed' among the first 100 frames")
 
 
+async def socketio_await(ws: ClientConnection, prefix: str) -> str:
+    """Read until a frame starting with `prefix`, answering pings; BenchError on a connect error or
+    after 100 frames."""
+    for _ in range(100):
+        frame = str(await ws.recv())
+        if frame.startswith(prefix):
+            return frame
+        if frame == EIO_PING:
+            await ws.send(EIO_PONG)
+        elif frame.startswith(SIO_CONNECT_ERROR):
+            raise BenchError(f"socket.io connect error: {frame[:200]}")
+    raise BenchError(f"no {prefix!r} among the first 100 frames")
+
+
+async def socketio_join(ws: ClientConnection, channel: str) -> None:
+    """Engine.IO open, Socket.IO connect to `/`, then `join` `channel` (ack id 0) and wait for the ack."""
+    opened = str(await ws.recv())
+    if not opened.startswith(EIO_OPEN + "{"):
+        raise BenchError(f"expected an Engine.IO open packet, got {opened[:200]!r}")
+    await ws.send(SIO_CONNECT)
+    await socketio_await(ws, SIO_CONNECT + "{")
+    await ws.send(f"{SIO_EVENT}0{dumps(['join', channel])}")
+    await socketio_await(ws, f"{SIO_ACK}0[")
+
+
 async def open_client(
     url: str,
     kind: str,
@@ -210,14 +271,15 @@ async def open_client(
     max_queue: int | None = DEFAULT_MAX_QUEUE,
     abort_on_failure: bool = True,
 ) -> ClientConnection:
-    """Connect with the stablews.v1 subprotocol (the same handshake for both servers); on a stablews
-    server send `hello` (as `client`) and `subscribe` to `channel`, and wait for `subscribed`.
+    """Connect with the stablews.v1 subprotocol (the same handshake for bare and stablews); on a stablews
+    server send `hello` (as `client`) and `subscribe` to `channel`, and wait for `subscribed`. On a
+    socketio server (no subprotocol, as Socket.IO clients do) join the room `channel` (`socketio_join`).
 
     If the setup fails, the connection is aborted (`abort_on_failure`) or closed, and the error raised.
     """
     ws = await connect(
         url,
-        subprotocols=[SUBPROTOCOL],
+        subprotocols=None if kind == "socketio" else [SUBPROTOCOL],
         compression=None,
         proxy=None,
         ping_interval=None,
@@ -231,6 +293,8 @@ async def open_client(
             await ws.send(dumps({"type": "hello", "client": client}))
             await ws.send(dumps({"type": "subscribe", "channel": channel}))
             await await_subscribed(ws)
+        elif kind == "socketio":
+            await socketio_join(ws, channel)
     except BaseException:
         if abort_on_failure:
             ws.transport.abort()
@@ -427,16 +491,18 @@ async def workers_ready(workers: Sequence[WorkerProcess], timeout: float) -> lis
 
 
 def server_command(kind: str, python: str, stablews_flags: Sequence[str] = ()) -> list[str]:
-    """The command line of a `bare` or `stablews` server on 127.0.0.1, port 0 (a free port from the OS),
-    stablews without its demo feed and with `stablews_flags` (the bare app takes none)."""
+    """The command line of a `bare`, `stablews` or `socketio` server on 127.0.0.1, port 0 (a free port
+    from the OS), stablews without its demo feed and with `stablews_flags` (the other apps take none)."""
     if kind == "bare":
         return [python, str(BASELINE_APP), "--host", HOST, "--port", "0"]
+    if kind == "socketio":
+        return [python, str(SOCKETIO_APP), "--host", HOST, "--port", "0"]
     return [python, "-m", "stablews", "serve", "--host", HOST, "--port", "0", "--demo-feed", "false",
             *stablews_flags]
 
 
 def listening_port(line: str) -> int | None:
-    """The port of a `{"msg": "listening", "port": N, ...}` log line (stablews's and the bare app's)."""
+    """The port of a `{"msg": "listening", "port": N, ...}` log line (stablews's and the bench apps')."""
     if '"listening"' not in line:
         return None
     with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -448,7 +514,8 @@ def listening_port(line: str) -> int | None:
 
 @dataclass
 class ServerProcess:
-    """A `bare` or `stablews` server process; subclasses keep what they need of its log lines (`keep`)."""
+    """A `bare`, `stablews` or `socketio` server process; subclasses keep what they need of its log lines
+    (`keep`)."""
 
     kind: str
     proc: asyncio.subprocess.Process
@@ -486,7 +553,9 @@ class ServerProcess:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{HOST}:{self.port}/ws"
+        """Where clients connect (subscribers; publishers too on stablews)."""
+        path = SOCKETIO_PATH if self.kind == "socketio" else "/ws"
+        return f"ws://{HOST}:{self.port}{path}"
 
     def keep(self, line: str) -> None:
         """One line of the server's stderr (its newline stripped), in order, from the first."""

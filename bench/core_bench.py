@@ -1,28 +1,37 @@
-"""Core benchmark: stablews against a bare Starlette WebSocket endpoint.
+"""Core benchmark: stablews against a bare Starlette WebSocket endpoint (and python-socketio).
 
-Both servers run as their own processes on 127.0.0.1 (a free port from the
-OS) under the same uvicorn settings: ws="websockets-sansio", no
-permessage-deflate, no uvicorn pings, lifespan on, uvicorn logging at warning.
-The bare baseline is bench/baseline_app.py. Clients run in separate worker
-processes (this script with --worker) using asyncio and `websockets`.
+The servers (`--kinds`, default bare,stablews) run as their own processes on
+127.0.0.1 (a free port from the OS) under the same uvicorn settings:
+ws="websockets-sansio", no permessage-deflate, no uvicorn pings, lifespan on,
+uvicorn logging at warning. The bare baseline is bench/baseline_app.py; the
+`socketio` kind is bench/socketio_app.py, a python-socketio ASGI server with
+Socket.IO's defaults (so its own Engine.IO ping every 25 s, answered by the
+clients). Clients run in separate worker processes (this script with
+--worker) using asyncio and `websockets`; socketio clients speak Engine.IO v4 /
+Socket.IO v5 over the websocket transport only.
 
 1. Idle memory per connection: RSS of the server after a warm-up, then with
    `--connections` open connections (stablews: hello + subscribe to one channel,
-   pings answered; bare: connect only), settled; (after - before) / N.
+   pings answered; socketio: connect to `/` + join one room, pings answered;
+   bare: connect only), settled; (after - before) / N.
 2. Fan-out: one publisher sends `--messages` messages of about
    `--payload-bytes` bytes of JSON to `--subscribers` subscribers, all
    pipelined (or at most `--publish-window` awaiting their ack); delivered
    messages/s = messages received by all subscribers / (last receipt - first
    send). Every subscriber must get offsets 1..N exactly once, in order. The
-   bare app's `/pub` sends each frame on with a plain loop over its clients.
+   bare app's `/pub` sends each frame on with a plain loop over its clients;
+   socketio's `/pub` emits each payload (`seq` 1..N, which stands for the
+   offset) as a `message` event to the room with `sio.emit`.
 
-Each measurement runs `--repeat` times (fresh server and clients each time);
-the table shows medians and the ratio stablews/bare. Receipt and send times
-come from time.monotonic(), which on Linux is CLOCK_MONOTONIC: one clock for
-every process on the machine.
+Each measurement runs `--repeat` times (fresh server and clients each time,
+the kinds interleaved); the table shows medians and the ratios stablews/bare
+(against the goals) and stablews/socketio. Receipt and send times come from
+time.monotonic(), which on Linux is CLOCK_MONOTONIC: one clock for every
+process on the machine.
 
     python bench/core_bench.py              # 5,000 connections, 1,000 subscribers, 3 runs
     python bench/core_bench.py --quick      # 200 connections, 100 subscribers, 1 run
+    python bench/core_bench.py --kinds bare,stablews,socketio
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from benchlib import (
     BENCH_DIR,
     HOST,
     KINDS,
+    SERVER_KINDS,
     SUBPROTOCOL,
     BenchError,
     ClientWorker,
@@ -60,7 +70,9 @@ from benchlib import (
     WorkerProcess,
     dumps,
     emit,
+    frame_messages,
     http_get_json,
+    pong,
     raise_nofile_limit,
     run_bench,
     service_revision,
@@ -145,7 +157,7 @@ class Worker(ClientWorker):
                     continue
                 self.frames += 1
                 got = 0
-                for msg in split_frame(frame):
+                for msg in frame_messages(self.kind, frame):
                     kind = msg.get("type")
                     if kind == "message":
                         got += 1
@@ -159,7 +171,7 @@ class Worker(ClientWorker):
                         sub.count += 1
                     elif kind == "ping":
                         self.pings += 1
-                        await ws.send(dumps({"type": "pong", "id": msg["id"]}))
+                        await ws.send(pong(self.kind, msg))
                     else:
                         self.other[str(kind)] += 1
                 if got:
@@ -281,6 +293,7 @@ class Server(ServerProcess):
 
     @property
     def pub_url(self) -> str:
+        """stablews publishes on its client endpoint; bare and socketio have a `/pub` endpoint."""
         return f"ws://{HOST}:{self.port}/ws" if self.kind == "stablews" else f"ws://{HOST}:{self.port}/pub"
 
     def keep(self, text: str) -> None:
@@ -392,6 +405,7 @@ class Options:
     warmup: int
     settle_timeout: float
     only: str
+    kinds: tuple[str, ...] = KINDS  # the servers bench() measures
 
 
 async def run_memory(kind: str, opts: Options, start: ServerStarter = start_server) -> Json:
@@ -480,6 +494,9 @@ async def publish(server: Server, messages: int, size: int, window: int, timeout
                 dumps({"type": "publish", "channel": FANOUT_CHANNEL, "data": payload(i, size), "id": i})
                 for i in range(1, messages + 1)
             ]
+        elif server.kind == "socketio":
+            # The app emits what it receives: the payload itself, its seq standing for the offset.
+            frames = [dumps(payload(i, size)) for i in range(1, messages + 1)]
         else:
             ts = int(time.time() * 1000)
             frames = [
@@ -662,24 +679,32 @@ def meets(ratio: float | None, goal: str) -> bool | None:
     return ratio <= float(limit) if op == "<=" else ratio >= float(limit)
 
 
+def median_ratio(entry: Json, kind: str, baseline: str) -> float | None:
+    """The ratio of the medians kind/baseline in a summary entry (None when either was not measured)."""
+    value = entry.get(kind, {}).get("median")
+    base = entry.get(baseline, {}).get("median")
+    return value / base if base and value is not None else None
+
+
 def summarize(results: Json) -> Json:
-    """Median, min and max of each figure per server, and the ratio of the medians stablews/bare."""
+    """Median, min and max of each figure per server measured, and the ratios of the medians
+    stablews/bare (`ratio`, what the goals bound) and stablews/socketio (`ratio_socketio`)."""
     summary: Json = {}
     for row in ROWS:
         runs = results.get(row.measure)
         if not runs:
             continue
         entry: Json = {}
-        for kind in KINDS:
-            values = figures_of(runs.get(kind, []), row.key)
+        for kind in runs:
+            values = figures_of(runs[kind], row.key)
             entry[kind] = {
                 "median": statistics.median(values) if values else None,
                 "min": min(values, default=None),
                 "max": max(values, default=None),
                 "runs": len(values),
             }
-        bare, stable = entry["bare"]["median"], entry["stablews"]["median"]
-        entry["ratio"] = stable / bare if bare and stable is not None else None
+        entry["ratio"] = median_ratio(entry, "stablews", "bare")
+        entry["ratio_socketio"] = median_ratio(entry, "stablews", "socketio")
         entry["goal"] = row.goal or None
         entry["meets_goal"] = meets(entry["ratio"], row.goal)
         summary[f"{row.measure}.{row.key}"] = entry
@@ -693,23 +718,35 @@ def table(summary: Json, opts: Options) -> str:
             text += f" ({row.fmt(figures['min'])}..{row.fmt(figures['max'])})"
         return text
 
+    def fraction(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     publishing = "pipelined" if opts.publish_window == 0 else f"window {opts.publish_window}"
     labels = {**vars(opts), "publishing": publishing}
-    rows = [("median of runs (min..max)", "bare", "stablews", "ratio", "goal", "")]
+    kinds = opts.kinds
+    # A ratio's columns only when both of its servers were measured (the goals bound stablews/bare).
+    against_bare = "bare" in kinds and "stablews" in kinds
+    against_socketio = "socketio" in kinds and "stablews" in kinds
+    header = ["median of runs (min..max)", *kinds]
+    if against_socketio:
+        header.append("stablews/socketio")
+    if against_bare:
+        header += ["ratio", "goal", ""]
+    rows = [header]
     for row in ROWS:
         entry = summary.get(f"{row.measure}.{row.key}")
         if entry is None:
             continue
-        rows.append(
-            (
-                row.label.format(**labels),
-                cell(row, entry["bare"]),
-                cell(row, entry["stablews"]),
-                "-" if entry["ratio"] is None else f"{entry['ratio']:.3f}",
+        cells = [row.label.format(**labels), *(cell(row, entry[kind]) for kind in kinds)]
+        if against_socketio:
+            cells.append(fraction(entry["ratio_socketio"]))
+        if against_bare:
+            cells += [
+                fraction(entry["ratio"]),
                 row.goal or "-",
                 {True: "met", False: "NOT met", None: ""}[entry["meets_goal"]],
-            )
-        )
+            ]
+        rows.append(cells)
     return text_table(rows)
 
 
@@ -765,7 +802,10 @@ def machine() -> Json:
         "memory_bytes": psutil.virtual_memory().total,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {d: version(d) for d in ("stablews", "uvicorn", "starlette", "websockets", "psutil")},
+        "versions": {
+            d: version(d)
+            for d in ("stablews", "uvicorn", "starlette", "websockets", "psutil", "python-socketio", "python-engineio")
+        },
         "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     }
 
@@ -788,11 +828,11 @@ async def bench(opts: Options, output: Path, argv: Sequence[str]) -> int:
     if opts.only in ("all", "fanout"):
         measures.append(("fanout", run_fanout))
     for measure, runner in measures:
-        runs: dict[str, list[Json]] = {kind: [] for kind in KINDS}
+        runs: dict[str, list[Json]] = {kind: [] for kind in opts.kinds}
         results[measure] = runs
         print(f"{measure}:", flush=True)
         for i in range(opts.repeat):
-            for kind in KINDS:  # interleaved, so both see the same machine conditions
+            for kind in opts.kinds:  # interleaved, so all see the same machine conditions
                 try:
                     run = await runner(kind, opts)
                 except BenchError as exc:
@@ -811,7 +851,7 @@ async def bench(opts: Options, output: Path, argv: Sequence[str]) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {output}")
-    failed = any("error" in run for m, _ in measures for kind in KINDS for run in results[m][kind])
+    failed = any("error" in run for m, _ in measures for kind in opts.kinds for run in results[m][kind])
     return 1 if failed else 0
 
 
@@ -842,11 +882,27 @@ def add_workload_options(parser: argparse.ArgumentParser, *, messages: int) -> N
     parser.add_argument("--only", choices=("all", "memory", "fanout"), default="all")
 
 
+def parse_kinds(text: str) -> tuple[str, ...]:
+    """`--kinds`: server kinds, comma-separated, each once, in the order given (the order runs interleave)."""
+    kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    unknown = [k for k in kinds if k not in SERVER_KINDS]
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(SERVER_KINDS)}, got {text!r}")
+    return kinds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Idle memory per connection and fan-out throughput: stablews against bare Starlette."
+        description="Idle memory per connection and fan-out throughput: stablews against bare Starlette "
+        "(and python-socketio)."
     )
     add_workload_options(parser, messages=200)
+    parser.add_argument(
+        "--kinds",
+        type=parse_kinds,
+        default=KINDS,
+        help=f"servers to measure, comma-separated, of {','.join(SERVER_KINDS)} (default {','.join(KINDS)})",
+    )
     parser.add_argument("--quick", action="store_true", help="200 connections, 100 subscribers, 1 run")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results (default %(default)s)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for servers and workers")
@@ -884,6 +940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts is None:
         print("core_bench: counts must be at least 1", file=sys.stderr)
         return 2
+    opts.kinds = args.kinds
     return run_bench("core_bench", lambda: bench(opts, args.output, args_list))
 
 

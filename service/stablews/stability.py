@@ -378,6 +378,14 @@ class StabilityManager:
                 "unhealthy_ratio": fleet.unhealthy_ratio,
                 "average_health_score": round(sum(scores) / len(scores), 1) if scores else None,
                 "average_uptime_seconds": round(sum(ages) / len(ages), 3) if ages else None,
+                # What the registry holds: live connections, the bounded ring of closed ones, and the
+                # scheduler's entries (a closed connection's entry is dropped when it comes due).
+                "records": {
+                    "live": len(self.live),
+                    "closed_kept": len(self.closed),
+                    "closed_kept_max": self.closed.maxlen,
+                    "scheduled": len(self.scheduler),
+                },
             },
             "messages": {
                 "sent_total": self.messages_out,
