@@ -23,6 +23,7 @@ import resource
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -100,14 +101,16 @@ def raise_nofile_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Bare Starlette WebSocket baseline for bench/core_bench.py.")
+def serve(asgi_app: Any, description: str, argv: Sequence[str] | None = None) -> int:
+    """Run a bench server app under uvicorn as every one of them runs: the same protocol implementation,
+    no pings, no compression, on the port given (0: a free one, reported on stderr)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port (printed on stderr)")
     args = parser.parse_args(argv)
     raise_nofile_limit()
     config = uvicorn.Config(
-        app,
+        asgi_app,
         host=args.host,
         port=args.port,
         ws="websockets-sansio",
@@ -121,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = ReportingServer(config)
     server.run()
     return 0 if server.started else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve(app, "Bare Starlette WebSocket baseline for bench/core_bench.py.", argv)
 
 
 if __name__ == "__main__":

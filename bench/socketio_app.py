@@ -16,7 +16,6 @@ It prints `{"msg": "listening", "port": N}` on stderr once it accepts connection
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -24,14 +23,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import socketio
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from baseline_app import ACK, WS_MAX_SIZE, ReportingServer, raise_nofile_limit
+from baseline_app import ACK, serve
 
 ROOM = "bench"  # core_bench's fan-out channel
 
@@ -88,26 +86,7 @@ app = socketio.ASGIApp(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="python-socketio server for bench/core_bench.py.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0: any free port (printed on stderr)")
-    args = parser.parse_args(argv)
-    raise_nofile_limit()
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        ws="websockets-sansio",
-        ws_max_size=WS_MAX_SIZE,
-        ws_ping_interval=None,
-        ws_per_message_deflate=False,
-        lifespan="on",
-        log_level="warning",
-        access_log=False,
-    )
-    server = ReportingServer(config)
-    server.run()
-    return 0 if server.started else 1
+    return serve(app, "python-socketio server for bench/core_bench.py.", argv)
 
 
 if __name__ == "__main__":
