@@ -9,6 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY service ./service
+# service/stablews/web/client/stablews.js is a link to the browser client here.
+COPY clients ./clients
 RUN pip install --no-cache-dir . \
     && rm -rf /build
 

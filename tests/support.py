@@ -120,6 +120,16 @@ class InProcessServer:
         self.sock.close()
 
 
+async def graceful_restart(
+    server: ServerProcess, start: Callable[..., ServerProcess], flags: tuple[str, ...]
+) -> ServerProcess:
+    """SIGTERM (the drain), wait for exit status 0, then a new server on the same port with `flags`."""
+    server.signal(signal.SIGTERM)
+    status = await asyncio.to_thread(server.wait, 30)
+    assert status == 0, "".join(server.lines[-20:])
+    return await asyncio.to_thread(start, "--port", str(server.port), *flags)
+
+
 async def wait_for(
     predicate: Callable[[], Any] | Callable[[], Awaitable[Any]],
     timeout: float,

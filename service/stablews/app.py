@@ -29,6 +29,7 @@ from .recovery import CircuitState, Recovery, RecoveryPolicy
 from .relay import Relay, build_relays
 from .singleton import Singleton
 from .stability import StabilityManager
+from .statuspage import status_page_routes
 from .telemetry import Telemetry
 
 log = logging.getLogger("stablews.app")
@@ -330,7 +331,7 @@ class StableServer:
         return restore
 
     def routes(self) -> list[BaseRoute]:
-        return [WebSocketRoute(self.settings.ws_path, self.endpoint), *api_routes(self)]
+        return [WebSocketRoute(self.settings.ws_path, self.endpoint), *api_routes(self), *status_page_routes(self)]
 
 
 class StableApp:

@@ -181,6 +181,14 @@ def _public_key(v: str) -> str | None:
     return None
 
 
+def _trace_url(v: str) -> str | None:
+    if not v:
+        return None
+    if not v.startswith(("http://", "https://")) or "{trace_id}" not in v or len(v) > 2048:
+        return "must be an http(s) address with {trace_id} where the trace id goes (at most 2048 characters)"
+    return None
+
+
 def _score(v: float) -> str | None:
     return None if 0 <= v <= 100 else "must be between 0 and 100"
 
@@ -307,6 +315,9 @@ class Settings:
         (), LIST, "upstream feeds relayed into local channels: URL#channel or URL#upstream>local;… (json+ws:// for "
         "a plain JSON feed)", "server", _upstreams,
     )
+    status_page: bool = _opt(
+        True, BOOL, "serve the status page at / and the browser client at /client/stablews.js", "server"
+    )
     per_message_deflate: bool = _opt(False, BOOL, "offer permessage-deflate (~40 KB per connection)", "server")
     log_level: str = _opt("info", STR, "debug, info, warning or error", "server")
     metrics_enabled: bool = _opt(True, BOOL, "serve Prometheus metrics at GET /metrics", "telemetry")
@@ -316,6 +327,10 @@ class Settings:
     )
     flight_recorder_size: int = _opt(
         1000, INT, "abnormal closes kept for GET /api/v1/websocket/drops", "telemetry", _at_least(1)
+    )
+    trace_url: str = _opt(
+        "", STR, "trace view address with {trace_id}: the status page links each drop to its trace", "telemetry",
+        _trace_url,
     )
     event_loop_lag_interval: float = _opt(
         0.5, DURATION, "how often the event-loop lag is sampled (0: off)", "telemetry", _at_least(0)

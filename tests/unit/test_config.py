@@ -55,6 +55,8 @@ DOCUMENTED_DEFAULTS = {
     "broker": "memory",
     "demo_feed": True,
     "demo_feed_rate": 5.0,
+    "status_page": True,
+    "trace_url": "",
 }
 
 
@@ -256,6 +258,9 @@ def test_bad_file_value_names_option_and_file(tmp_path):
         ("degraded_ratio", "1.5", "between 0 and 1"),
         ("max_message_bytes", "10", "at least 64"),
         ("demo_feed_rate", "0", "greater than 0"),
+        ("trace_url", "http://jaeger:16686/trace/", "{trace_id}"),
+        ("trace_url", "javascript:alert({trace_id})", "http(s) address"),
+        ("trace_url", "https://t.example/{trace_id}" + "x" * 2048, "2048"),
     ],
 )
 def test_out_of_range_value_names_option_and_rule(name, raw, problem):
