@@ -35,8 +35,6 @@ def page_config(server: StableServer) -> dict[str, str]:
         "ws-path": settings.ws_path,
         "trace-url": settings.trace_url,
         "demo-channel": DEMO_CHANNEL if settings.demo_feed else "",
-        "instance": settings.instance_id,
-        "version": server.version,
     }
 
 

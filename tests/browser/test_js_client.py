@@ -130,7 +130,24 @@ DEAD_PORT_RUN = """async ({url, policy, draws, attempts, deadline}) => {
 }"""
 
 
-def _compare_schedules(browser: dict[str, Any], expected: dict[str, Any], policy: RecoveryPolicy) -> None:
+async def run_against_dead_port(
+    start_server: StartServer, tmp_path: Path, policy: RecoveryPolicy, draws: list[float], attempts: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The browser client's run against a port where nothing listens (every attempt refused), and
+    the Python client's schedule for the same options and draws."""
+    server = start_server("--no-demo-feed")
+    dead = f"ws://127.0.0.1:{free_port()}/ws"
+    js_policy = {name: getattr(policy, name) for name in RecoveryPolicy.__dataclass_fields__}
+    async with open_browser(tmp_path) as page:
+        await client_page(page, server)
+        browser = await page.evaluate(DEAD_PORT_RUN, {
+            "url": dead, "policy": js_policy, "draws": draws, "attempts": attempts, "deadline": 30,
+        })
+        assert page.uncaught == []
+    return browser, python_schedule(policy, draws, attempts)
+
+
+def _compare_schedules(browser: dict[str, Any], expected: dict[str, Any]) -> None:
     got = [tuple(e[:-1]) for e in browser["events"]]
     want = expected["events"]
     # Circuit waits depend on how long the failure took to be seen; everything else is exact.
@@ -161,23 +178,13 @@ def _compare_schedules(browser: dict[str, Any], expected: dict[str, Any], policy
 async def test_backoff_jitter_and_circuit_breaker_match_the_python_client_against_a_dead_port(
     start_server: StartServer, tmp_path: Path,
 ) -> None:
-    server = start_server("--no-demo-feed")
-    dead = f"ws://127.0.0.1:{free_port()}/ws"  # nothing listens there: every attempt is refused
     policy = RecoveryPolicy(initial_delay=0.2, backoff_multiplier=2, max_delay=0.8, jitter_max=0.1, max_retries=4,
                             circuit_breaker_threshold=3, circuit_breaker_timeout=1.0)
-    draws = [0.1, 0.9, 0.5, 0.3, 0.7]
-    attempts = 4  # three in backoff: the circuit opens; the half-open trial fails: it opens again
-    js_policy = {name: getattr(policy, name) for name in RecoveryPolicy.__dataclass_fields__}
-    async with open_browser(tmp_path) as page:
-        await client_page(page, server)
-        browser = await page.evaluate(DEAD_PORT_RUN, {
-            "url": dead, "policy": js_policy, "draws": draws, "attempts": attempts, "deadline": 30,
-        })
-        assert page.uncaught == []
-    expected = python_schedule(policy, draws, attempts)
+    # Four attempts: three in backoff, the circuit opens; the half-open trial fails, it opens again.
+    browser, expected = await run_against_dead_port(start_server, tmp_path, policy, [0.1, 0.9, 0.5, 0.3, 0.7], 4)
     assert ("circuit", "open") in expected["events"] and ("circuit", "half_open") in expected["events"]
     assert expected["stats"]["circuit_opened_total"] == 2
-    _compare_schedules(browser, expected, policy)
+    _compare_schedules(browser, expected)
     # Never connected: still "connecting", as the Python client; the breaker never gives up.
     assert browser["error"] is None and browser["state"] == "connecting"
 
@@ -185,21 +192,12 @@ async def test_backoff_jitter_and_circuit_breaker_match_the_python_client_agains
 async def test_with_the_breaker_off_it_gives_up_after_max_retries_as_the_python_client(
     start_server: StartServer, tmp_path: Path,
 ) -> None:
-    server = start_server("--no-demo-feed")
-    dead = f"ws://127.0.0.1:{free_port()}/ws"
     policy = RecoveryPolicy(initial_delay=0.1, max_delay=0.4, jitter_max=0.05, max_retries=3,
                             enable_circuit_breaker=False)
-    draws = [0.25, 0.75]
-    js_policy = {name: getattr(policy, name) for name in RecoveryPolicy.__dataclass_fields__}
-    async with open_browser(tmp_path) as page:
-        await client_page(page, server)
-        browser = await page.evaluate(DEAD_PORT_RUN, {
-            "url": dead, "policy": js_policy, "draws": draws, "attempts": 10, "deadline": 30,
-        })
-    expected = python_schedule(policy, draws, 10)
+    browser, expected = await run_against_dead_port(start_server, tmp_path, policy, [0.25, 0.75], 10)
     assert expected["gave_up"] == "recovery gave up: 3 attempts failed"
     assert browser["state"] == "closed" and browser["error"] == expected["gave_up"], browser
-    _compare_schedules(browser, expected, policy)
+    _compare_schedules(browser, expected)
 
 
 # ------------------------------------------------------------ against a live server

@@ -211,7 +211,6 @@ async function refreshLoop() {
     const since = lastStatsAt ? ` (figures from ${new Date(lastStatsAt).toLocaleTimeString("en-GB")})` : "";
     figure("freshness", `server unreachable: ${exc.message}${since}`);
   }
-  status.refreshes += 1;
   setTimeout(refreshLoop, config.refresh * 1000);
 }
 
@@ -271,7 +270,7 @@ function renderTick(msg) {
 
 // What the page's client did, for anyone who wants to check it (the tests do): every offset it
 // was given, in order, and every resync.
-const status = { config, client: null, stats: null, refreshes: 0, received: [], resyncs: [] };
+const status = { config, client: null, stats: null, received: [], resyncs: [] };
 window.stablewsStatus = status;
 
 function startStream() {
